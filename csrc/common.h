@@ -1,0 +1,51 @@
+// Argument checks shared by every C++/CUDA kernel of cpkernels.
+//
+// The full, user-facing validation (with messages that name the Python argument) lives in
+// cpkernels/ops.py. These checks are the last line of defence for callers that reach
+// torch.ops.cpkernels.* directly: whatever they pass, no kernel may read or write out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace cpkernels {
+
+inline void check_same(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "cp_linear: ", name, " has dtype ", t.scalar_type(),
+                   " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "cp_linear: ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+// Shapes: x (M, K), weight (N, K), bias (N) or none, A (N, r), B (K, r), C (T, r), task_ids (M).
+inline void check_cp_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                 const at::Tensor& task_ids) {
+  TORCH_CHECK(x.dim() == 2, "cp_linear: x must be 2-D (M, d_in) here, got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "cp_linear: weight ", weight.sizes(),
+              " does not match x ", x.sizes());
+  const int64_t N = weight.size(0), K = x.size(1);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == N, "cp_linear: A ", A.sizes(), " must be (d_out=", N, ", r)");
+  const int64_t r = A.size(1);
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == K && B.size(1) == r, "cp_linear: B ", B.sizes(), " must be (d_in=", K,
+              ", r=", r, ")");
+  TORCH_CHECK(C.dim() == 2 && C.size(1) == r, "cp_linear: C ", C.sizes(), " must be (num_tasks, r=", r, ")");
+  TORCH_CHECK(task_ids.dim() == 1 && task_ids.size(0) == x.size(0), "cp_linear: task_ids ", task_ids.sizes(),
+              " must be (M=", x.size(0), ")");
+  TORCH_CHECK_TYPE(task_ids.scalar_type() == at::kLong || task_ids.scalar_type() == at::kInt,
+                   "cp_linear: task_ids must be int32 or int64, got ", task_ids.scalar_type());
+  TORCH_CHECK(task_ids.device() == x.device(), "cp_linear: task_ids is on ", task_ids.device(), " but x is on ",
+              x.device());
+  check_same(weight, x, "weight");
+  check_same(A, x, "A");
+  check_same(B, x, "B");
+  check_same(C, x, "C");
+  if (bias.has_value()) {
+    check_same(*bias, x, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "cp_linear: bias ", bias->sizes(), " must be (d_out=", N, ")");
+  }
+}
+
+// Outputs that the backward's output_mask switches off come back as empty tensors.
+inline at::Tensor skipped(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace cpkernels

@@ -1,0 +1,26 @@
+// The one place where the cpkernels operator schemas are defined.
+//
+// Each backend file registers kernels for these schemas (csrc/cpu for the CPU dispatch key,
+// csrc/cuda for CUDA). Fake (meta) kernels and autograd are registered from Python, in
+// cpkernels/ops.py, which is the single source of truth for the op contract.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing `cpkernels._C` from Python runs the static registrations below; the module
+// itself exposes nothing.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(cpkernels, m) {
+  // x (M, d_in), weight (d_out, d_in), bias (d_out)?, A (d_out, r), B (d_in, r), C (T, r),
+  // task_ids (M) int32/int64. Returns y (M, d_out) and u = x·B (M, r), saved for backward.
+  m.def("cp_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, Tensor C, Tensor task_ids, "
+        "float scale) -> (Tensor, Tensor)");
+  // output_mask selects (dx, dA, dB, dC, db); a masked-off gradient comes back as an empty tensor.
+  m.def("cp_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor A, Tensor B, Tensor C, Tensor task_ids, "
+        "Tensor u, float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
