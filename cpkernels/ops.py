@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import logging
 import os
+import weakref
 
 import torch
 
@@ -262,30 +263,50 @@ def _check_inputs(x, weight, bias, A, B, C, task_ids) -> torch.Tensor:
             raise ValueError(f"task_ids is on {task_ids.device} but x is on {x.device}")
         if task_ids.dtype not in (torch.int32, torch.int64):
             task_ids = task_ids.long()
-    t = broadcast_task_ids(task_ids, x.shape[:-1], x.device).reshape(-1)
-    _check_task_values(t, C.shape[0])
-    return t.contiguous()
+    _check_task_values(task_ids, C.shape[0])
+    return broadcast_task_ids(task_ids, x.shape[:-1], x.device).reshape(-1).contiguous()
 
 
-def _check_task_values(t: torch.Tensor, num_tasks: int) -> None:
-    """Out-of-range ids raise IndexError on CPU tensors.
+# Task-id tensors already checked, keyed by identity, with the version they were checked at and
+# the number of tasks they need: every layer of a model usually receives the same ids tensor
+# (task_context), so the check, and the host sync it costs on CUDA, happens once per batch.
+# (A WeakKeyDictionary would compare tensors with ==, so the map is keyed by id() and each entry
+# holds a weak reference that removes it when the tensor dies.)
+_checked_ids: dict[int, tuple[weakref.ref, int, int]] = {}
 
-    On CUDA a host check would cost a sync per call, so by default an async device assertion
-    (`torch._assert_async`) guards the ids instead: no sync, CUDA-graph and compile safe, and the
-    kernels never read out of bounds even without it. CPKERNELS_CHECK_TASK_IDS=sync turns the
-    CUDA check into an eager IndexError (one host sync per call); =off removes the guard.
+
+def _check_task_values(task_ids, num_tasks: int) -> None:
+    """Raise IndexError when a task id lies outside [0, num_tasks).
+
+    Eager mode checks each distinct ids tensor once (one aminmax and, on CUDA, one host sync),
+    then remembers it until it is modified in place. Under torch.compile the check becomes an
+    async device assertion; during CUDA-graph capture no check is possible. In both cases, and
+    with CPKERNELS_CHECK_TASK_IDS=off, the kernels still never read out of bounds: a row with a
+    bad id gets no low-rank update.
     """
-    mode = os.environ.get("CPKERNELS_CHECK_TASK_IDS", "auto")
-    if mode == "off" or t.numel() == 0:
+    if isinstance(task_ids, int):
+        if not 0 <= task_ids < num_tasks:
+            raise IndexError(f"task_ids={task_ids} is outside [0, num_tasks={num_tasks}) (num_tasks = C.shape[0])")
         return
-    bad = (t < 0) | (t >= num_tasks)
-    if torch.compiler.is_compiling() or (t.device.type != "cpu" and mode != "sync"):
-        torch._assert_async(~bad.any(), f"cp_linear: a task id is outside [0, num_tasks={num_tasks})")
+    if task_ids.numel() == 0 or os.environ.get("CPKERNELS_CHECK_TASK_IDS", "on") == "off":
         return
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
+    if torch.compiler.is_compiling():
+        ok = (task_ids.min() >= 0) & (task_ids.max() < num_tasks)
+        torch._assert_async(ok, f"cp_linear: a task id is outside [0, num_tasks={num_tasks})")
+        return
+    if task_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    key = id(task_ids)
+    seen = _checked_ids.get(key)
+    if seen is not None and seen[0]() is task_ids and seen[1] == task_ids._version and seen[2] <= num_tasks:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(task_ids))
+    if lo < 0 or hi >= num_tasks:
+        flat = task_ids.reshape(-1)
+        i = int(((flat < 0) | (flat >= num_tasks)).nonzero()[0, 0])
         raise IndexError(f"task_ids must lie in [0, num_tasks={num_tasks}) (num_tasks = C.shape[0]); "
-                         f"row {i} has task id {int(t[i])}")
+                         f"row {i} has task id {int(flat[i])}")
+    _checked_ids[key] = (weakref.ref(task_ids, lambda _, k=key: _checked_ids.pop(k, None)), task_ids._version, hi + 1)
 
 
 # --------------------------------------------------------------------------------------------
