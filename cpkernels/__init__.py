@@ -1,7 +1,14 @@
 """cpkernels: fused kernels for multi-task CP-decomposed low-rank updates.
 
     y = W0·x + b + s · A·diag(c_t)·Bᵀ·x      (Audibert et al., Findings of ACL 2023)
+
+Public API only; the logic lives in the submodules. `cpkernels.sparsity` and `cpkernels.analysis`
+are imported as modules by users who need them.
 """
+from .adapters import load_adapters, read_adapters, save_adapters
+from .convert import (convert, cp_layers, export, merge, parameter_report, print_parameter_report, task_context,
+                      unmerge)
+from .modules import FusedCPLinear
 from .ops import BACKENDS, available_backends, cp_linear, explain_backend
 from .reference import cp_linear_reference
 
@@ -9,8 +16,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "FusedCPLinear",
     "available_backends",
+    "convert",
+    "cp_layers",
     "cp_linear",
     "cp_linear_reference",
     "explain_backend",
+    "export",
+    "load_adapters",
+    "merge",
+    "parameter_report",
+    "print_parameter_report",
+    "read_adapters",
+    "save_adapters",
+    "task_context",
+    "unmerge",
 ]

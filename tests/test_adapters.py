@@ -1,0 +1,197 @@
+"""save_adapters / load_adapters / read_adapters: round trips, single-task files, pruned ranks,
+clear errors on mismatch, atomic writes."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("safetensors")
+
+from cpkernels.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, read_adapters, save_adapters  # noqa: E402
+from cpkernels.convert import convert, cp_layers, merge, parameter_report, task_context  # noqa: E402
+
+T = 3
+
+
+def _base(seed=0, width=11):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(7, width), nn.Tanh(), nn.Linear(width, 5))
+
+
+def _trained(seed=0, rank=4, **kw):
+    """A converted model whose factors are random (as after training) and whose base is _base(0)."""
+    model = convert(_base(), rank=rank, num_tasks=T, scale=0.5, task_names=["x", "y", "z"], **kw)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for _, layer in cp_layers(model):
+            for p in (layer.A, layer.B, layer.C):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def _fresh(rank=4, **kw):
+    return convert(_base(), rank=rank, num_tasks=T, scale=0.5, **kw)
+
+
+def _outputs(model, x):
+    outs = []
+    for t in range(T):
+        with torch.no_grad(), task_context(model, t):
+            outs.append(model(x))
+    return outs
+
+
+def test_round_trip_and_config(tmp_path):
+    model = _trained()
+    x = torch.randn(4, 7)
+    save_adapters(model, tmp_path / "ad")
+    assert sorted(os.listdir(tmp_path / "ad")) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left behind
+    config = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    assert config["format_version"] == 1 and config["num_tasks"] == T and config["tasks"] == [0, 1, 2]
+    assert config["task_names"] == ["x", "y", "z"] and config["scale"] == 0.5 and config["rank"] == 4
+    assert config["target_modules"] == "all-linear"
+    assert config["base_parameters"] == parameter_report(model)["base_parameters"] == 7 * 11 + 11 + 11 * 5 + 5
+    assert config["layers"]["2"] == {"in_features": 11, "out_features": 5, "rank": 4, "bias": True, "scale": 0.5,
+                                     "trained_bias": False}
+
+    fresh = _fresh()
+    assert not all(torch.equal(a, b) for a, b in zip(_outputs(fresh, x), _outputs(model, x)))
+    A_param = fresh[0].A
+    load_adapters(fresh, tmp_path / "ad")
+    assert fresh[0].A is A_param  # same rank: loaded in place, an optimizer stays valid
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(fresh, x), _outputs(model, x)))
+    assert fresh.cpkernels_config["task_names"] == ["x", "y", "z"]
+
+
+def test_read_adapters_without_a_model(tmp_path):
+    model = _trained()
+    save_adapters(model, tmp_path)
+    config, factors = read_adapters(tmp_path)
+    assert set(factors) == {"0", "2"} and set(factors["0"]) == {"A", "B", "C"}
+    for name, layer in cp_layers(model):
+        for f in ("A", "B", "C"):
+            assert torch.equal(factors[name][f], getattr(layer, f).detach())
+    assert read_adapters(tmp_path / WEIGHTS_NAME)[0] == config  # the file itself works too
+    with pytest.raises(FileNotFoundError, match="no adapter file"):
+        read_adapters(tmp_path / "missing")
+    import safetensors.torch
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a cpkernels adapter file"):
+        read_adapters(tmp_path / "other.safetensors")
+
+
+def test_single_task_file_stores_one_row_of_c(tmp_path):
+    model = _trained()
+    x = torch.randn(4, 7)
+    expected = _outputs(model, x)
+    save_adapters(model, tmp_path / "y", tasks=["y"])
+    save_adapters(model, tmp_path / "z", tasks=[2])
+    config, factors = read_adapters(tmp_path / "y")
+    assert config["tasks"] == [1] and factors["0"]["C"].shape == (1, 4)
+    assert torch.equal(factors["0"]["C"][0], model[0].C[1].detach())
+
+    # Into a fresh model: task y is right; the others had no rows with these A, B, so they are zero
+    # (those tasks fall back to the base model).
+    fresh = _fresh()
+    base_out = _base()(x)
+    load_adapters(fresh, tmp_path / "y")
+    out = _outputs(fresh, x)
+    assert torch.equal(out[1], expected[1])
+    assert torch.equal(out[0], base_out.detach()) and torch.equal(out[2], base_out.detach())
+    # A second file from the same run has the same A, B: rows already loaded are kept.
+    load_adapters(fresh, tmp_path / "z")
+    out = _outputs(fresh, x)
+    assert torch.equal(out[1], expected[1]) and torch.equal(out[2], expected[2])
+
+
+def test_pruned_ranks_per_layer(tmp_path):
+    model = _trained()
+    first = model[0]
+    keep = [0, 2]  # as after pruning components 1 and 3 of the first layer
+    first.set_factors(first.A[:, keep], first.B[:, keep], first.C[:, keep])
+    model[2].set_factors(torch.empty(5, 0), torch.empty(11, 0), torch.empty(T, 0))  # fully pruned
+    x = torch.randn(4, 7)
+    save_adapters(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["layers"]["0"]["rank"] == 2
+    fresh = _fresh()
+    load_adapters(fresh, tmp_path)
+    assert (fresh[0].rank, fresh[2].rank) == (2, 0)
+    assert fresh[0].A.requires_grad and isinstance(fresh[0].A, nn.Parameter)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(fresh, x), _outputs(model, x)))
+
+
+def test_trained_bias_and_dtype(tmp_path):
+    model = _trained()
+    model[2].bias.requires_grad_(True)
+    with torch.no_grad():
+        model[2].bias.add_(1.0)
+    save_adapters(model, tmp_path)
+    _, factors = read_adapters(tmp_path)
+    assert "bias" in factors["2"] and "bias" not in factors["0"]
+    fresh = _fresh().double()
+    load_adapters(fresh, tmp_path)
+    assert fresh[2].A.dtype == torch.float64
+    assert torch.equal(fresh[2].bias, model[2].bias.detach().double())
+    x = torch.randn(3, 7)
+    for got, expected in zip(_outputs(fresh, x.double()), _outputs(model, x)):
+        torch.testing.assert_close(got.float(), expected)
+
+
+def test_mismatches_raise_clear_errors_and_change_nothing(tmp_path):
+    save_adapters(_trained(), tmp_path)
+
+    other_tasks = convert(_base(), rank=4, num_tasks=T + 1)
+    with pytest.raises(ValueError, match=r"layer '0' has num_tasks=4 \(C is \(4, 4\)\).*num_tasks=3"):
+        load_adapters(other_tasks, tmp_path)
+
+    other_shape = convert(_base(width=13), rank=4, num_tasks=T)
+    before = [p.detach().clone() for p in other_shape.parameters()]
+    with pytest.raises(ValueError, match=r"layer '0'.*\(13, 7\) but .* has \(11, 7\)"):
+        load_adapters(other_shape, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(before, other_shape.parameters()))
+
+    fewer = convert(_base(), rank=4, num_tasks=T, target_modules=["0"])
+    with pytest.raises(ValueError, match=r"adapters for layers the model lacks \['2'\]"):
+        load_adapters(fewer, tmp_path)
+
+    no_bias = convert(nn.Sequential(nn.Linear(7, 11), nn.Tanh(), nn.Linear(11, 5, bias=False)), 4, T)
+    model = _trained()
+    model[2].bias.requires_grad_(True)
+    save_adapters(model, tmp_path / "bias")
+    with pytest.raises(ValueError, match=r"layer '2' has no bias .* shape \(5,\)"):
+        load_adapters(no_bias, tmp_path / "bias")
+
+
+def test_save_errors(tmp_path):
+    model = _trained()
+    with pytest.raises(ValueError, match="tasks must be distinct"):
+        save_adapters(model, tmp_path, tasks=[1, 1])
+    with pytest.raises(ValueError, match="tasks must be distinct"):
+        save_adapters(model, tmp_path, tasks=[3])
+    merge(model, 0)
+    with pytest.raises(ValueError, match="unmerge before saving"):
+        save_adapters(model, tmp_path)
+    with pytest.raises(ValueError, match="no FusedCPLinear"):
+        save_adapters(_base(), tmp_path)
+
+
+def test_interrupted_save_keeps_the_previous_adapters(tmp_path, monkeypatch):
+    model = _trained()
+    save_adapters(model, tmp_path)
+    old = (tmp_path / WEIGHTS_NAME).read_bytes()
+    with torch.no_grad():
+        model[0].A.add_(1.0)
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapters(model, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == old
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    save_adapters(model, tmp_path)  # overwriting works
+    assert torch.equal(read_adapters(tmp_path)[1]["0"]["A"], model[0].A.detach())
