@@ -1,0 +1,316 @@
+"""Rank selection by sparsity: a penalty over CP components, its proximal step, and rank pruning.
+
+One adapted layer holds the update tensor ΔW (d_out × d_in × T) as a sum of r rank-1 components,
+
+    ΔW[:, :, t] = s · Σ_k C[t, k] · A[:, k] B[:, k]ᵀ,      component k = a_k ∘ b_k ∘ c_k,
+
+where a_k = A[:, k], b_k = B[:, k], c_k = C[:, k]. Driving whole components to zero lowers the
+layer's rank; `prune` then removes them, so each task keeps fewer parameters.
+
+**Scale invariance.** (α·a_k, β·b_k, c_k/(αβ)) is the same component, so a penalty on one factor
+alone (say ‖c_k‖) measures the parametrisation, not the model: the optimiser lowers it by growing
+a_k and b_k while nothing changes. Every penalty here is therefore a norm of the component tensor
+itself, which does not depend on how the scale is split:
+
+* ``kind="group"`` (default): the group lasso over components, Σ_k ‖a_k∘b_k∘c_k‖_F
+  = Σ_k ‖a_k‖·‖b_k‖·‖c_k‖. It zeroes whole components, i.e. selects each layer's rank.
+* ``kind="l1"``: L1 over the per-task slices, Σ_{t,k} ‖a_k‖·‖b_k‖·|C[t, k]|. This is the L1 norm of
+  C once A and B are column-normalised; it zeroes single entries of C (task-specific sparsity: a
+  task stops using a shared component) and a whole component once no task uses it.
+
+We weight by the column norms instead of keeping A and B column-normalised because renormalising
+after every step would rescale parameters behind the optimiser's back (Adam's moments would no
+longer match them). The fixed scale s is left out: it is one constant per layer.
+
+Two ways to train with it (use one, not both):
+
+* add ``lam * penalty(model)`` to the loss (plain subgradient: small, but never exactly zero);
+* or call ``proximal_step(model, lr * lam)`` after each ``optimizer.step()`` (proximal gradient:
+  components under the threshold become exactly zero). The step shrinks C, the factor that carries
+  each task's scale; with A and B held fixed it is the exact prox of ``lr * lam * penalty`` (a
+  weighted group lasso / L1 on C), so plain SGD + proximal_step converges to the penalised optimum
+  in C (tested). A zeroed component keeps a_k and b_k and grows back while its gradient beats the
+  threshold. With init="cp" every component starts at zero, so begin the proximal steps after a
+  warm-up (or with a small lam); with Adam, whose steps are not proportional to the gradient, the
+  threshold is a heuristic: tune lam on a validation set.
+
+After training, ``prune(model)`` drops the dead components and returns a report.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from .convert import _layers_or_raise, parameter_report
+
+__all__ = ["KINDS", "penalty", "proximal_step", "prune", "prune_factors", "component_norms", "layer_factors",
+           "compression_report"]
+
+#: The penalties `penalty` and `proximal_step` know.
+KINDS = ("group", "l1")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with analysis.py and the analyze CLI
+# --------------------------------------------------------------------------------------------
+def _cp_layers_or_raise(model) -> list:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return _layers_or_raise(model)
+
+
+def _unmerged_layers(model) -> list:
+    """The CP layers, refusing merged ones: their weight holds a copy of the update we would change."""
+    layers = _cp_layers_or_raise(model)
+    for name, m in layers:
+        if m.merged_task is not None:
+            raise ValueError(f"layer {name!r} holds merged task {m.merged_task}; call cpkernels.unmerge(model) "
+                             f"before changing its factors")
+    return layers
+
+
+def layer_factors(model_or_factors) -> dict[str, dict]:
+    """The CP factors of every layer as ``{name: {"A", "B", "C", "scale"}}``, in model order.
+
+    Accepts a converted model, or the ``{name: {"A", "B", "C"}}`` dict that
+    `cpkernels.adapters.read_adapters` returns (an optional "scale" entry per layer; default 1).
+    A trained bias of a converted layer appears as "bias", as in saved adapters. The tensors are the
+    layers' own parameters (not copies). Shapes are checked:
+    A (d_out, r), B (d_in, r), C (T, r), with the same r and the same T in every layer.
+    """
+    if isinstance(model_or_factors, nn.Module):
+        return {name: _module_factors(m) for name, m in _cp_layers_or_raise(model_or_factors)}
+    if not isinstance(model_or_factors, dict):
+        raise TypeError("expected a converted nn.Module or a {layer: {'A', 'B', 'C'}} dict "
+                        f"(from cpkernels.adapters.read_adapters), got {type(model_or_factors).__name__}")
+    if not model_or_factors:
+        raise ValueError("the factor dict is empty: no CP layers to analyse")
+    out, num_tasks = {}, None
+    for name, f in model_or_factors.items():
+        missing = [k for k in ("A", "B", "C") if not isinstance(f, dict) or k not in f]
+        if missing:
+            raise ValueError(f"layer {name!r}: missing factor(s) {missing}; expected a dict with A, B and C")
+        A, B, C = f["A"], f["B"], f["C"]
+        for k, t in (("A", A), ("B", B), ("C", C)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"layer {name!r}: {k} must be a 2-D tensor, got {shape}")
+        if not (A.shape[1] == B.shape[1] == C.shape[1]):
+            raise ValueError(f"layer {name!r}: ranks differ: A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                             f"C {tuple(C.shape)} (expected (d_out, r), (d_in, r), (T, r))")
+        if num_tasks is not None and C.shape[0] != num_tasks:
+            raise ValueError(f"layer {name!r}: C has {C.shape[0]} task rows, earlier layers have {num_tasks}")
+        num_tasks = C.shape[0]
+        out[name] = {**f, "scale": float(f.get("scale", 1.0))}
+    return out
+
+
+def _module_factors(m) -> dict:
+    f = {"A": m.A, "B": m.B, "C": m.C, "scale": float(m.scale)}
+    if m.bias is not None and m.bias.requires_grad:  # a trained bias travels with the adapters
+        f["bias"] = m.bias
+    return f
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    # Norms of bf16/fp16 factors are accumulated in fp32; fp64 stays fp64 (tests).
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _column_scale(f: dict) -> torch.Tensor:
+    """w_k = ‖a_k‖·‖b_k‖ for every component k, shape (r,); differentiable."""
+    dt = _acc_dtype(f["A"])
+    return torch.linalg.vector_norm(f["A"], dim=0, dtype=dt) * torch.linalg.vector_norm(f["B"], dim=0, dtype=dt)
+
+
+def _component_norm(f: dict) -> torch.Tensor:
+    """‖a_k‖·‖b_k‖·‖c_k‖ for every component k of one layer, shape (r,); differentiable."""
+    return _column_scale(f) * torch.linalg.vector_norm(f["C"], dim=0, dtype=_acc_dtype(f["A"]))
+
+
+def component_norms(model_or_factors) -> dict[str, torch.Tensor]:
+    """Frobenius norm of every rank-1 component, ‖a_k‖·‖b_k‖·‖c_k‖, per layer: ``{name: (r,)}``.
+
+    Differentiable when given a model (the group penalty is their sum); detach for inspection.
+    """
+    return {name: _component_norm(f) for name, f in layer_factors(model_or_factors).items()}
+
+
+def _check_kind(kind) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _check_nonnegative(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Penalty and proximal step
+# --------------------------------------------------------------------------------------------
+def penalty(model: nn.Module, kind: str = "group") -> torch.Tensor:
+    """The sparsity penalty summed over every FusedCPLinear of `model`, as a differentiable scalar.
+
+    ``kind="group"``: Σ_layers Σ_k ‖a_k‖·‖b_k‖·‖c_k‖ (group lasso over rank-1 components).
+    ``kind="l1"``: Σ_layers Σ_{t,k} ‖a_k‖·‖b_k‖·|C[t, k]| (L1 on C with A, B column-normalised).
+    See the module docstring for why the column norms appear. The result is in fp32 (fp64 for
+    fp64 factors) on the first layer's device; the subgradient at a zero column is 0.
+    """
+    _check_kind(kind)
+    total = None
+    for f in layer_factors(model).values():
+        if kind == "group":
+            term = _component_norm(f).sum()
+        else:
+            term = (f["C"].abs() * _column_scale(f)).sum()
+        total = term if total is None else total + term.to(total.device)
+    return total
+
+
+@torch.no_grad()
+def proximal_step(model: nn.Module, strength: float, kind: str = "group") -> None:
+    """Apply the proximal operator of ``strength · penalty(model, kind)`` to C, in place.
+
+    Call it after ``optimizer.step()`` with ``strength = lr · lam`` (proximal gradient). A and B
+    are held fixed, so the penalty is a (weighted) norm of C, and its prox is exact. With
+    w_k = ‖a_k‖·‖b_k‖:
+
+    * ``"group"`` (block soft-thresholding): ‖c_k‖ becomes max(‖c_k‖ − strength·w_k, 0), the
+      direction of c_k kept; a component with ‖c_k‖ ≤ strength·w_k becomes exactly zero (c_k = 0).
+    * ``"l1"`` (soft-thresholding): |C[t, k]| becomes max(|C[t, k]| − strength·w_k, 0), sign kept.
+
+    Why the threshold carries w_k: it is the same as column-normalising A and B (the scale moves
+    into C: c' = w·c, and the optimizer's step on c is a step w² times larger on c') and
+    soft-thresholding c' by strength·w². A zero component then stays zero exactly while
+    ‖∂L/∂c'_k‖ ≤ lam, the group-lasso optimality condition, which does not depend on how the
+    scale is split. strength = 0 leaves the model unchanged.
+    """
+    _check_kind(kind)
+    strength = _check_nonnegative("strength", strength)
+    layers = [_module_factors(m) for _, m in _unmerged_layers(model)]
+    if strength == 0:
+        return
+    for f in layers:
+        C = f["C"].to(_acc_dtype(f["A"]))
+        tau = strength * _column_scale(f)  # (r,): one threshold per component
+        if kind == "group":
+            norm = torch.linalg.vector_norm(C, dim=0)
+            # Where norm > tau >= 0 the division is safe; the other components become exactly 0.
+            new_C = C * torch.where(norm > tau, 1 - tau / torch.where(norm > tau, norm, 1), 0)
+        else:
+            new_C = C.sign() * (C.abs() - tau).clamp_min(0)
+        f["C"].copy_(new_C)
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning and the compression report
+# --------------------------------------------------------------------------------------------
+def compression_report(model_or_factors, base_parameters: int | None = None, num_tasks: int | None = None) -> dict:
+    """Ranks and adapter parameter counts of a converted model or of a saved-adapter factor dict.
+
+    The counts follow `cpkernels.convert.parameter_report` (the paper's way):
+
+    * ``layers``: {name: {"rank", "params"}}, params = A, B, C (and a trained bias) of that layer;
+    * ``rank_total``, ``params`` (the sum over layers);
+    * ``shared_trainable``: A and B (and trained biases), which every task uses;
+    * ``per_task``: one row of C per layer, i.e. the sum of the ranks;
+    * ``amortized_per_task``: shared_trainable / num_tasks + per_task;
+    * ``percent_per_task``, ``percent_amortized_per_task``: 100·x / base_parameters (None when
+      base_parameters is unknown);
+    * ``num_tasks``, ``base_parameters``.
+
+    For a model, base_parameters defaults to `parameter_report`'s; for a dict pass the one from the
+    adapter config. num_tasks defaults to the rows of C (pass the config's when only some tasks
+    were saved).
+    """
+    factors = layer_factors(model_or_factors)
+    if base_parameters is None and isinstance(model_or_factors, nn.Module):
+        base_parameters = parameter_report(model_or_factors)["base_parameters"]
+    if num_tasks is None:
+        num_tasks = next(iter(factors.values()))["C"].shape[0]
+    layers, shared = {}, 0
+    for name, f in factors.items():
+        (d_out, r), d_in = f["A"].shape, f["B"].shape[0]
+        bias = f["bias"].numel() if "bias" in f else 0
+        layers[name] = {"rank": r, "params": r * (d_in + d_out + f["C"].shape[0]) + bias}
+        shared += r * (d_in + d_out) + bias
+    per_task = sum(v["rank"] for v in layers.values())
+    amortized = shared / num_tasks + per_task
+    percent = (lambda n: 100.0 * n / base_parameters) if base_parameters else (lambda n: None)
+    return {
+        "layers": layers,
+        "rank_total": per_task,
+        "params": sum(v["params"] for v in layers.values()),
+        "shared_trainable": shared,
+        "per_task": per_task,
+        "amortized_per_task": amortized,
+        "percent_per_task": percent(per_task),
+        "percent_amortized_per_task": percent(amortized),
+        "num_tasks": num_tasks,
+        "base_parameters": base_parameters,
+    }
+
+
+def _live(f: dict, tol: float) -> torch.Tensor:
+    """Boolean mask (r,) of the components whose norm ‖a_k‖·‖b_k‖·‖c_k‖ exceeds `tol`."""
+    with torch.no_grad():
+        return _component_norm(f) > tol
+
+
+def _prune_report(before: dict, after: dict) -> dict:
+    per_layer = {
+        name: {"rank_before": b["rank"], "rank_after": after["layers"][name]["rank"],
+               "params_before": b["params"], "params_after": after["layers"][name]["params"]}
+        for name, b in before["layers"].items()
+    }
+    return {"layers": per_layer, "before": before, "after": after}
+
+
+def prune(model: nn.Module, tol: float = 1e-8) -> dict:
+    """Drop dead rank-1 components from every FusedCPLinear of `model`, in place; return a report.
+
+    A component is dead when its norm ‖a_k‖·‖b_k‖·‖c_k‖ ≤ `tol` (absolute, in the units of the
+    factors; `proximal_step` produces exact zeros). Each layer keeps its live components, so ranks
+    may end up different per layer, and a layer with none left gets rank 0 ("no update"). The
+    output changes by at most s·tol·‖x‖ per dropped component (not at all for exact zeros).
+
+    The factors are replaced through `FusedCPLinear.set_factors` (new Parameters): build the
+    optimizer again after pruning.
+
+    Returns ``{"layers": {name: {"rank_before", "rank_after", "params_before", "params_after"}},
+    "before": compression_report(...), "after": compression_report(...)}``.
+    """
+    tol = _check_nonnegative("tol", tol)
+    layers = _unmerged_layers(model)
+    before = compression_report(model)
+    for name, m in layers:
+        keep = _live(_module_factors(m), tol)
+        if not bool(keep.all()):
+            with torch.no_grad():
+                m.set_factors(m.A[:, keep], m.B[:, keep], m.C[:, keep])
+    return _prune_report(before, compression_report(model, before["base_parameters"]))
+
+
+def prune_factors(factors: dict, tol: float = 1e-8, base_parameters: int | None = None,
+                  num_tasks: int | None = None) -> tuple[dict, dict]:
+    """`prune` for a ``{layer: {"A", "B", "C"}}`` dict (e.g. from `read_adapters`): returns the
+    pruned copy of the dict and the same report as `prune` (see `compression_report` for
+    base_parameters and num_tasks). The input is left unchanged."""
+    tol = _check_nonnegative("tol", tol)
+    factors = layer_factors(factors)
+    pruned = {}
+    for name, f in factors.items():
+        keep = _live(f, tol)
+        pruned[name] = {**f, **{k: f[k].detach()[:, keep] for k in ("A", "B", "C")}}
+    before = compression_report(factors, base_parameters, num_tasks)
+    return pruned, _prune_report(before, compression_report(pruned, base_parameters, num_tasks))
