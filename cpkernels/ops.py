@@ -105,7 +105,6 @@ def _auto_order(device_type: str) -> tuple[str, ...]:
     return ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
 
 
-@torch.compiler.assume_constant_result
 def _choose_backend(device_type: str, requested: str | None) -> str:
     """Resolved once per (device type, request) at trace time, so torch.compile sees a constant."""
     if requested is not None:
@@ -117,6 +116,12 @@ def _choose_backend(device_type: str, requested: str | None) -> str:
         if _why_unavailable(name, device_type) is None:
             return name
     return "reference"
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo at import time
+# (that costs 1-3 s on every `import cpkernels`). test_torch_compile_fullgraph_cpu fails if a torch
+# release stops honouring the marker.
+_choose_backend._dynamo_marked_constant = True
 
 
 def explain_backend(x: torch.Tensor, backend: str | None = None) -> str:
