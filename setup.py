@@ -83,8 +83,9 @@ def _extensions():
             sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(),
             define_macros=define_macros + [("CPKERNELS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math",
-                                                            "-lineinfo"]},
+            # No --use_fast_math: the custom kernels are memory-bound gathers and sums, and
+            # flushing denormals would only cost accuracy.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link_flags,
         )
     else:

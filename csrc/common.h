@@ -45,6 +45,20 @@ inline void check_cp_linear_args(const at::Tensor& x, const at::Tensor& weight, 
   }
 }
 
+// Backward: the forward's checks (no bias), plus grad_y (M, N) and the saved u = x·B (M, r).
+inline void check_cp_linear_bwd_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                     const at::Tensor& task_ids, const at::Tensor& u) {
+  check_cp_linear_args(x, weight, c10::nullopt, A, B, C, task_ids);
+  const int64_t M = x.size(0), N = weight.size(0), r = A.size(1);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N, "cp_linear: grad_y ", grad_y.sizes(),
+              " must be (", M, ", ", N, ")");
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == r, "cp_linear: u ", u.sizes(), " must be (", M, ", ",
+              r, ")");
+  check_same(grad_y, x, "grad_y");
+  check_same(u, x, "u");
+}
+
 // Outputs that the backward's output_mask switches off come back as empty tensors.
 inline at::Tensor skipped(const at::Tensor& like) { return at::empty({0}, like.options()); }
 

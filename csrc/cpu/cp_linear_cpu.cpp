@@ -120,15 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& C, const at::Tensor& task_ids, const at::Tensor& u, double scale,
     std::array<bool, 5> mask) {
-  check_cp_linear_args(x, weight, c10::nullopt, A, B, C, task_ids);
+  check_cp_linear_bwd_args(grad_y, x, weight, A, B, C, task_ids, u);
   check_task_range(task_ids, C.size(0));
-  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1), r = A.size(1), T = C.size(0);
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N, "cp_linear: grad_y ", grad_y.sizes(),
-              " must be (", M, ", ", N, ")");
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == M && u.size(1) == r, "cp_linear: u ", u.sizes(), " must be (", M, ", ",
-              r, ")");
-  check_same(grad_y, x, "grad_y");
-  check_same(u, x, "u");
+  const int64_t M = x.size(0), K = x.size(1), r = A.size(1), T = C.size(0);
   const auto [need_dx, need_dA, need_dB, need_dC, need_db] = mask;
 
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
