@@ -6,7 +6,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Optional.h>
+
+#include <array>
+#include <tuple>
 
 namespace cpkernels {
 
@@ -61,5 +65,25 @@ inline void check_cp_linear_bwd_args(const at::Tensor& grad_y, const at::Tensor&
 
 // Outputs that the backward's output_mask switches off come back as empty tensors.
 inline at::Tensor skipped(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// The GEMM half of the backward, the same on every device once the task-dependent rows exist:
+//   dX = dY·W0 + gs·Bᵀ (addmm with beta = 1: no second M × d_in buffer), dA = dYᵀ·v, dB = xᵀ·gs,
+//   db = Σ dY in fp32. gs = s·g⊙C[t] and v = s·u⊙C[t] come from the backend's row kernel, dC from its
+// segment sum (pass an undefined tensor when masked off).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gemms(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& B,
+    const at::Tensor& gs, const at::Tensor& v, const at::Tensor& dC, std::array<bool, 5> mask) {
+  const auto [need_dx, need_dA, need_dB, need_dC, need_db] = mask;
+  at::Tensor dx = skipped(x), dA = skipped(x), dB = skipped(x), db = skipped(x);
+  if (need_dx) {
+    dx = at::empty({x.size(0), x.size(1)}, x.options());
+    at::mm_out(dx, grad_y, weight);
+    dx.addmm_(gs, B.t());
+  }
+  if (need_dA) dA = at::mm(grad_y.t(), v);
+  if (need_dB) dB = at::mm(x.t(), gs);
+  if (need_db) db = grad_y.sum(0, /*keepdim=*/false, at::toOpMathType(x.scalar_type())).to(x.scalar_type());
+  return {dx, dA, dB, need_dC ? dC : skipped(x), db};
+}
 
 }  // namespace cpkernels

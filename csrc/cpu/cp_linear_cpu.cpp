@@ -122,8 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
     std::array<bool, 5> mask) {
   check_cp_linear_bwd_args(grad_y, x, weight, A, B, C, task_ids, u);
   check_task_range(task_ids, C.size(0));
-  const int64_t M = x.size(0), K = x.size(1), r = A.size(1), T = C.size(0);
+  const int64_t M = x.size(0), r = A.size(1), T = C.size(0);
   const auto [need_dx, need_dA, need_dB, need_dC, need_db] = mask;
+  (void)need_db;  // db is the shared GEMM half's business
 
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const int64_t num_chunks = std::max<int64_t>(
@@ -149,21 +150,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
     if (v.defined()) v.zero_();
   }
 
-  at::Tensor dx = skipped(x), dA = skipped(x), dB = skipped(x), dC = skipped(x), db = skipped(x);
-  if (need_dx) {
-    dx = at::empty({M, K}, x.options());
-    at::mm_out(dx, grad_y, weight);
-    dx.addmm_(gs, B.t());
-  }
-  if (need_dA) dA = at::mm(grad_y.t(), v);
-  if (need_dB) dB = at::mm(x.t(), gs);
+  at::Tensor dC;
   if (need_dC) {
-    at::Tensor acc = partial[0].clone();
-    for (int64_t c = 1; c < num_chunks; ++c) acc.add_(partial[c]);  // fixed chunk order: deterministic
-    dC = acc.mul_(scale).to(x.scalar_type());
+    dC = partial[0].clone();
+    for (int64_t c = 1; c < num_chunks; ++c) dC.add_(partial[c]);  // fixed chunk order: deterministic
+    dC = dC.mul_(scale).to(x.scalar_type());
   }
-  if (need_db) db = grad_y.sum(0, /*keepdim=*/false, acc_type).to(x.scalar_type());
-  return {dx, dA, dB, dC, db};
+  return backward_gemms(grad_y, x, weight, B, gs, v, dC, mask);
 }
 
 }  // namespace

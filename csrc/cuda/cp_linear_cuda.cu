@@ -270,8 +270,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
     std::array<bool, 5> mask) {
   check_cp_linear_bwd_args(grad_y, x, weight, A, B, C, task_ids, u);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const int64_t M = x.size(0), K = x.size(1), T = C.size(0);
+  const int64_t T = C.size(0);
   const auto [need_dx, need_dA, need_dB, need_dC, need_db] = mask;
+  (void)need_db;  // db is the shared GEMM half's business
 
   const at::Tensor uc = u.contiguous(), Cc = C.contiguous(), t = task_ids.contiguous();
   at::Tensor g = at::mm(grad_y, A);  // (M, r), contiguous
@@ -279,17 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
   at::Tensor v = need_dA ? at::empty_like(g) : at::Tensor();
   scale_rows(uc, v, g, gs, Cc, t, scale);
 
-  at::Tensor dx = skipped(x), dA = skipped(x), dB = skipped(x), dC = skipped(x), db = skipped(x);
-  if (need_dx) {
-    dx = at::empty({M, K}, x.options());
-    at::mm_out(dx, grad_y, weight);
-    dx.addmm_(gs, B.t());
-  }
-  if (need_dA) dA = at::mm(grad_y.t(), v);
-  if (need_dB) dB = at::mm(x.t(), gs);
-  if (need_dC) dC = dc_segment_sum(uc, g, t, T, scale);
-  if (need_db) db = grad_y.sum(0, /*keepdim=*/false, at::toOpMathType(x.scalar_type())).to(x.scalar_type());
-  return {dx, dA, dB, dC, db};
+  const at::Tensor dC = need_dC ? dc_segment_sum(uc, g, t, T, scale) : at::Tensor();
+  return backward_gemms(grad_y, x, weight, B, gs, v, dC, mask);
 }
 
 }  // namespace
