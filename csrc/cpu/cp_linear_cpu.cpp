@@ -11,7 +11,7 @@
 // fp32) 1.07-1.15× F.linear against 1.00-1.11× seeded, on the CPU benchmark shapes.
 // Backward  g = dY·A                          skinny GEMM (M × r)
 //           gs = s · g ⊙ C[t], v = s · u ⊙ C[t], dC partial sums   one fused row loop
-//           dX = dY·W0 + gs·Bᵀ                GEMM, then addmm with beta = 1
+//           dX = gs·Bᵀ + dY·W0                seeded with the rank-r product, big GEMM beta = 1
 //           dA = dYᵀ·v,  dB = xᵀ·gs,  db = Σ dY
 //
 // dC is a segment sum over task ids. To be deterministic whatever the thread count, rows are
