@@ -223,8 +223,7 @@ def test_bad_task_id_gets_no_update_and_touches_nothing_out_of_bounds():
 
 
 @gpu
-def test_bad_task_id_raises_index_error_with_sync_check(monkeypatch):
-    monkeypatch.setenv("CPKERNELS_CHECK_TASK_IDS", "sync")
+def test_bad_task_id_raises_index_error_in_eager_mode():
     inputs, bad, _ = _inputs_with_bad_ids()
     inputs["task_ids"] = bad
     with pytest.raises(IndexError, match="task_ids"):

@@ -31,7 +31,8 @@ Cost model at the llm shape (M = 8192, d_in = d_out = 4096, r = 16, bf16):
 Out-of-range task ids: the kernel masks them. A row whose id is outside [0, T) loads its C row as
 zeros, so it gets y = x·W0ᵀ + b with no low-rank update, and nothing is ever read out of bounds.
 The cost is two integer compares per row and a mask on a (BLOCK_M × r) gather, nothing measurable.
-ops.py additionally raises (CPU) or asserts asynchronously (CUDA) on such ids before the launch.
+ops.py additionally raises IndexError on such ids before the launch (once per ids tensor; an async
+device assertion under torch.compile).
 
 Precision: fp32 accumulation everywhere; fp32 inputs go through tf32 only when
 torch.backends.cuda.matmul.allow_tf32 is set. Under torch.are_deterministic_algorithms_enabled()

@@ -26,8 +26,8 @@
 // per call. Instead a row whose id lies outside [0, T) is masked on the device: it reads nothing
 // from C, gets no low-rank update (its v and gs rows are 0, so y = x·W0ᵀ + b and dX = dY·W0 for
 // it) and adds nothing to dC. Nothing is read or written out of bounds. cpkernels.cp_linear
-// (ops.py) guards the ids before calling: an async device assertion by default, an eager
-// IndexError with CPKERNELS_CHECK_TASK_IDS=sync.
+// (ops.py) checks each distinct ids tensor once, eagerly (IndexError), before calling; under
+// torch.compile an async device assertion does it instead.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
