@@ -19,7 +19,7 @@ from torch import nn
 
 from .convert import _layers_or_raise, _task_index, layer_info, parameter_report
 
-__all__ = ["save_adapters", "load_adapters", "read_adapters", "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_adapters", "load_adapters", "read_adapters", "atomic_write", "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapters.safetensors"
@@ -35,7 +35,12 @@ def _safetensors():
     return safetensors
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix.
+
+    Temp file in the same directory, fsync, os.replace, then fsync of the directory. Every file the
+    library writes (adapters, heads, checkpoints, reports, figures) goes through here.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as f:
@@ -109,8 +114,8 @@ def save_adapters(model: nn.Module, path, tasks=None) -> None:
     text = json.dumps(config, indent=2)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, st.torch.save(tensors, metadata={_HEADER_KEY: text}))
-    _atomic_write(directory / CONFIG_NAME, (text + "\n").encode())
+    atomic_write(directory / WEIGHTS_NAME, st.torch.save(tensors, metadata={_HEADER_KEY: text}))
+    atomic_write(directory / CONFIG_NAME, (text + "\n").encode())
 
 
 def read_adapters(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:

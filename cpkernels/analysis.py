@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import _atomic_write
+from .adapters import atomic_write
 from .sparsity import compression_report, layer_factors
 
 __all__ = ["task_gram", "task_similarity", "task_update_norms", "format_similarity_table",
@@ -124,7 +124,7 @@ def _save_png(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return path
 
 

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .adapters import _atomic_write, read_adapters
+from .adapters import atomic_write, read_adapters
 from .analysis import format_similarity_table, plot_layer_ranks, plot_task_similarity, task_similarity, \
     task_update_norms
 from .sparsity import prune_factors
@@ -53,7 +53,7 @@ def analyze(adapter_dir, out=None, tol: float = 1e-8) -> dict:
             str(plot_layer_ranks(pruning, out / "layer_ranks.png",
                                  title=f"Rank per layer (live = component norm > {tol:g})")),
         ]
-        _atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
         report["written"].append(str(out / "report.json"))
     return report
 

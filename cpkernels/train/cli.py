@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import _atomic_write, save_adapters
+from ..adapters import atomic_write, save_adapters
 from ..convert import convert, parameter_report
 from . import loop
 from .data import (GLUE_TASKS, SMOKE_TASKS, MultiTaskSampler, check_data_available, load_task, resolve_tasks,
@@ -287,7 +287,7 @@ def run(argv=None) -> dict | None:
             "artifacts": {"adapters": loop.ADAPTERS_DIR, "heads": loop.HEADS_NAME, "task_similarity": figure},
             "config": vars(args), "wall_time_s": time.perf_counter() - t_start,
         }
-        _atomic_write(output_dir / "results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
+        atomic_write(output_dir / "results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
         say(format_results(results))
     d.barrier()
     return results

@@ -501,11 +501,11 @@ def smoke_words() -> list[str]:
 
 
 def _write_tsv(path: Path, header, rows) -> None:
-    from ..adapters import _atomic_write
+    from ..adapters import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["\t".join(header)] + ["\t".join(map(str, r)) for r in rows]
-    _atomic_write(path, ("\n".join(lines) + "\n").encode())
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 
 def write_smoke_glue(data_dir, n_train: int = 600, n_dev: int = 200, seed: int = 0) -> Path:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import _atomic_write  # temp file + fsync + os.replace, shared with the adapter files
+from ..adapters import atomic_write  # temp file + fsync + os.replace, shared with the adapter files
 from ..convert import task_context
 
 __all__ = ["POOLINGS", "TaskHead", "MultiTaskModel", "load_backbone", "write_tiny_bert", "bundled_minilm",
@@ -159,10 +159,10 @@ def save_heads(model: MultiTaskModel, path) -> None:
 
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.heads.state_dict().items()}
-    _atomic_write(path, save(tensors))
+    atomic_write(path, save(tensors))
     meta = {"tasks": model.task_names, "types": model.task_types, "pooling": model.pooling,
             "num_outputs": [head.out.out_features for head in model.heads.values()]}
-    _atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
 
 
 def load_heads(model: MultiTaskModel, path) -> None:
