@@ -100,19 +100,22 @@ def _requested_backend(backend: str | None) -> str | None:
     return name
 
 
-def _auto_order(device_type: str) -> tuple[str, ...]:
-    # On CPU tensors the interpreter-driven Triton backend is a test tool, never an automatic pick.
-    return ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
+def _auto_order(device_type: str, dtype: torch.dtype | None = None) -> tuple[str, ...]:
+    # On CPU tensors the interpreter-driven Triton backend is a test tool, never an automatic pick;
+    # Triton's tl.dot has no float64, the cuda backend has.
+    if device_type != "cuda":
+        return ("cpu", "reference")
+    return ("cuda", "reference") if dtype == torch.float64 else ("triton", "cuda", "reference")
 
 
-def _choose_backend(device_type: str, requested: str | None) -> str:
+def _choose_backend(device_type: str, requested: str | None, dtype: torch.dtype | None = None) -> str:
     """Resolved once per (device type, request) at trace time, so torch.compile sees a constant."""
     if requested is not None:
         reason = _why_unavailable(requested, device_type)
         if reason is not None:
             raise RuntimeError(f"cpkernels backend {requested!r} is not available: {reason}")
         return requested
-    for name in _auto_order(device_type):
+    for name in _auto_order(device_type, dtype):
         if _why_unavailable(name, device_type) is None:
             return name
     return "reference"
@@ -135,7 +138,7 @@ def explain_backend(x: torch.Tensor, backend: str | None = None) -> str:
             return f"{requested} (requested by {origin})"
         return f"{requested} was requested by {origin} but is not available: {reason}"
     lines = []
-    for name in _auto_order(device_type):
+    for name in _auto_order(device_type, x.dtype):
         reason = _why_unavailable(name, device_type)
         if reason is None:
             lines.insert(0, f"{name} (automatic choice for {device_type} tensors)")
@@ -268,50 +271,59 @@ def _check_inputs(x, weight, bias, A, B, C, task_ids) -> torch.Tensor:
             raise ValueError(f"task_ids is on {task_ids.device} but x is on {x.device}")
         if task_ids.dtype not in (torch.int32, torch.int64):
             task_ids = task_ids.long()
-    _check_task_values(task_ids, C.shape[0])
-    return broadcast_task_ids(task_ids, x.shape[:-1], x.device).reshape(-1).contiguous()
+    return _flat_task_ids(task_ids, x.shape[:-1], x.device, C.shape[0])
 
 
-# Task-id tensors already checked, keyed by identity, with the version they were checked at and
-# the number of tasks they need: every layer of a model usually receives the same ids tensor
-# (task_context), so the check, and the host sync it costs on CUDA, happens once per batch.
-# (A WeakKeyDictionary would compare tensors with ==, so the map is keyed by id() and each entry
-# holds a weak reference that removes it when the tensor dies.)
-_checked_ids: dict[int, tuple[weakref.ref, int, int]] = {}
+# Task-id tensors already checked, keyed by identity: every layer of a model usually receives the
+# same ids tensor (task_context), so the value check (and the host sync it costs on CUDA) and the
+# flattening copy of per-sample ids happen once per batch, not once per layer. An entry holds a weak
+# reference to the tensor, the in-place version it was checked at, the number of tasks it needs, and
+# the flat (M,) ids for one leading shape. (A WeakKeyDictionary would compare tensors with ==, so the
+# map is keyed by id() and the weak reference removes the entry when the tensor dies.)
+_checked_ids: dict[int, tuple] = {}
 
 
-def _check_task_values(task_ids, num_tasks: int) -> None:
-    """Raise IndexError when a task id lies outside [0, num_tasks).
+def _flat_task_ids(task_ids, lead_shape: torch.Size, device, num_tasks: int) -> torch.Tensor:
+    """Check task_ids' form and values; return them as a contiguous (M,) tensor, one id per row.
 
-    Eager mode checks each distinct ids tensor once (one aminmax and, on CUDA, one host sync),
-    then remembers it until it is modified in place. Under torch.compile the check becomes an
-    async device assertion; during CUDA-graph capture no check is possible. In both cases, and
-    with CPKERNELS_CHECK_TASK_IDS=off, the kernels still never read out of bounds: a row with a
-    bad id gets no low-rank update.
+    Out-of-range ids raise IndexError. Under torch.compile the value check becomes an async device
+    assertion, and during CUDA-graph capture no check is possible (nothing is cached either, so a
+    replay reads the ids tensor itself). The Triton and CUDA kernels never read out of bounds even
+    unchecked (a row with a bad id gets no low-rank update); the CPU kernel checks again and raises.
+    CPKERNELS_CHECK_TASK_IDS=off skips the check here.
     """
+    flat = broadcast_task_ids(task_ids, lead_shape, device).reshape(-1)  # checks type and shape
     if isinstance(task_ids, int):
         if not 0 <= task_ids < num_tasks:
             raise IndexError(f"task_ids={task_ids} is outside [0, num_tasks={num_tasks}) (num_tasks = C.shape[0])")
-        return
-    if task_ids.numel() == 0 or os.environ.get("CPKERNELS_CHECK_TASK_IDS", "on") == "off":
-        return
-    if torch.compiler.is_compiling():
-        ok = (task_ids.min() >= 0) & (task_ids.max() < num_tasks)
-        torch._assert_async(ok, f"cp_linear: a task id is outside [0, num_tasks={num_tasks})")
-        return
-    if task_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
+        return flat
+    if torch.compiler.is_compiling() or (task_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if torch.compiler.is_compiling() and flat.numel() and os.environ.get("CPKERNELS_CHECK_TASK_IDS") != "off":
+            ok = (flat.min() >= 0) & (flat.max() < num_tasks)
+            torch._assert_async(ok, f"cp_linear: a task id is outside [0, num_tasks={num_tasks})")
+        return flat.contiguous()
     key = id(task_ids)
     seen = _checked_ids.get(key)
-    if seen is not None and seen[0]() is task_ids and seen[1] == task_ids._version and seen[2] <= num_tasks:
-        return
-    lo, hi = (int(v) for v in torch.aminmax(task_ids))
-    if lo < 0 or hi >= num_tasks:
-        flat = task_ids.reshape(-1)
-        i = int(((flat < 0) | (flat >= num_tasks)).nonzero()[0, 0])
-        raise IndexError(f"task_ids must lie in [0, num_tasks={num_tasks}) (num_tasks = C.shape[0]); "
-                         f"row {i} has task id {int(flat[i])}")
-    _checked_ids[key] = (weakref.ref(task_ids, lambda _, k=key: _checked_ids.pop(k, None)), task_ids._version, hi + 1)
+    if (seen is not None and seen[0]() is task_ids and seen[1] == task_ids._version and seen[2] <= num_tasks
+            and seen[3] == lead_shape):
+        return seen[4] if seen[4] is not None else flat
+    flat = flat.contiguous()
+    needed = 0
+    if flat.numel() and os.environ.get("CPKERNELS_CHECK_TASK_IDS") != "off":
+        lo, hi = (int(v) for v in torch.aminmax(flat))
+        if lo < 0 or hi >= num_tasks:
+            i = int(((flat < 0) | (flat >= num_tasks)).nonzero()[0, 0])
+            raise IndexError(f"task_ids must lie in [0, num_tasks={num_tasks}) (num_tasks = C.shape[0]); "
+                             f"row {i} has task id {int(flat[i])}")
+        needed = hi + 1
+    elif flat.numel():
+        needed = num_tasks  # unchecked: valid for this num_tasks only
+    # Keep only a copy: a view would keep task_ids itself alive (views pin their base), and the entry
+    # would never be dropped. A view costs nothing to rebuild anyway.
+    copied = flat.untyped_storage().data_ptr() != task_ids.untyped_storage().data_ptr()
+    _checked_ids[key] = (weakref.ref(task_ids, lambda _, k=key: _checked_ids.pop(k, None)), task_ids._version,
+                         needed, lead_shape, flat if copied else None)
+    return flat
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,10 +358,10 @@ def cp_linear(x, weight, bias, A, B, C, task_ids, scale=1.0, *, backend=None):
     """
     x, weight, bias = _autocast_inputs(x, weight, bias)
     t = _check_inputs(x, weight, bias, A, B, C, task_ids)
-    name = _choose_backend(x.device.type, _requested_backend(backend))
-    A, B, C = A.to(x.dtype), B.to(x.dtype), C.to(x.dtype)
     if A.shape[1] == 0:  # rank 0 (every component pruned): no update; backends only see r >= 1
         return torch.nn.functional.linear(x, weight, bias)
+    name = _choose_backend(x.device.type, _requested_backend(backend), x.dtype)
+    A, B, C = A.to(x.dtype), B.to(x.dtype), C.to(x.dtype)
     if name == "reference":
         return cp_linear_reference(x, weight, bias, A, B, C, t.reshape(x.shape[:-1]), scale)
     y, _ = _forward_op(name)(x.reshape(-1, x.shape[-1]), weight, bias, A, B, C, t, float(scale))

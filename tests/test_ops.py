@@ -269,3 +269,44 @@ def test_int_task_id_out_of_range():
     a.pop("task_ids")
     with pytest.raises(IndexError, match=r"task_ids=2 is outside \[0, num_tasks=2\)"):
         cp_linear(**a, task_ids=2)
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 0, 1, 0], 1.0, "0"])
+def test_task_ids_of_wrong_type_name_the_argument(ids):
+    with pytest.raises(TypeError, match="task_ids"):
+        cp_linear(**_args(task_ids=ids))
+
+
+def test_wrong_shape_is_reported_before_bad_values():
+    with pytest.raises(ValueError, match=r"task_ids has shape \(3,\)"):
+        cp_linear(**_args(task_ids=torch.tensor([9, 9, 9])))
+
+
+def test_checked_ids_cache_does_not_keep_tensors_alive():
+    import gc
+
+    from cpkernels import ops
+
+    for per_sample in (True, False):
+        inp = make_inputs(0, 6, 4, 3, 2, per_sample_shape=(5, 7) if per_sample else (5,), requires_grad=False)
+        before = len(ops._checked_ids)
+        for _ in range(20):
+            inp["task_ids"] = torch.randint(0, 2, (5,))
+            cp_linear(**inp)
+        gc.collect()
+        assert len(ops._checked_ids) <= before + 1
+
+
+def test_cached_flat_ids_follow_in_place_changes():
+    inp = make_inputs(0, 6, 4, 3, 3, per_sample_shape=(4, 5), requires_grad=False)
+    t = inp["task_ids"]
+    cp_linear(**inp)
+    t.copy_(torch.tensor([2, 0, 1, 2]))
+    torch.testing.assert_close(cp_linear(**inp), cp_linear_reference(**inp), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_on_cuda_is_not_sent_to_triton():
+    from cpkernels import ops
+
+    assert "triton" not in ops._auto_order("cuda", torch.float64)
+    assert ops._auto_order("cuda", torch.bfloat16)[0] == "triton"
