@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import _layers_or_raise, _task_index, layer_info, parameter_report
+from .convert import _task_index, _unmerged_layers_or_raise, layer_info, parameter_report
 
 __all__ = ["save_adapters", "load_adapters", "read_adapters", "atomic_write", "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -38,8 +38,8 @@ def _safetensors():
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix.
 
-    Temp file in the same directory, fsync, os.replace, then fsync of the directory. Every file the
-    library writes (adapters, heads, checkpoints, reports, figures) goes through here.
+    Temp file in the same directory, fsync, os.replace, then fsync of the directory. The files a crash
+    must not corrupt go through here: adapters, heads, the trainer's checkpoint state, results and figures.
     """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -81,7 +81,7 @@ def save_adapters(model: nn.Module, path, tasks=None) -> None:
     parameters (task heads) are not: save them with the rest of your training state.
     """
     st = _safetensors()
-    layers = _layers_or_raise(model)
+    layers = _unmerged_layers_or_raise(model, "saving adapters")
     num_tasks = layers[0][1].num_tasks
     if any(layer.num_tasks != num_tasks for _, layer in layers):
         raise ValueError("the model's FusedCPLinear layers disagree on num_tasks; cannot save one adapter set")
@@ -90,8 +90,6 @@ def save_adapters(model: nn.Module, path, tasks=None) -> None:
     tensors, layer_cfg = {}, {}
     index = torch.tensor(picked, dtype=torch.long)
     for name, layer in layers:
-        if layer.merged_task is not None:
-            raise ValueError(f"layer {name!r} holds merged task {layer.merged_task}; unmerge before saving")
         tensors[f"{name}.A"] = layer.A.detach().cpu().contiguous()
         tensors[f"{name}.B"] = layer.B.detach().cpu().contiguous()
         tensors[f"{name}.C"] = layer.C.detach().cpu()[index].contiguous()
@@ -144,6 +142,8 @@ def read_adapters(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
         factors[name] = {p: tensors.pop(f"{name}.{p}") for p in parts}
         r, want = info["rank"], {"A": (info["out_features"], info["rank"]), "B": (info["in_features"], info["rank"]),
                                  "C": (len(config["tasks"]), info["rank"])}
+        if info["trained_bias"]:
+            want["bias"] = (info["out_features"],)  # else a damaged bias would broadcast silently on load
         got = {p: tuple(factors[name][p].shape) for p in want}
         if got != want:
             raise ValueError(f"{file}: layer {name!r} has shapes {got} but its config says {want} (rank {r})")
@@ -185,7 +185,7 @@ def load_adapters(model: nn.Module, path) -> None:
     Nothing is modified unless every layer fits.
     """
     config, factors = read_adapters(path)
-    model_layers = dict(_layers_or_raise(model))
+    model_layers = dict(_unmerged_layers_or_raise(model, "loading adapters"))
     _check_compatible(model_layers, config, factors, f"the adapters at {path}")
     tasks = torch.tensor(config["tasks"], dtype=torch.long)
     with torch.no_grad():

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .modules import INITS, FusedCPLinear
+from .reference import check_task_ids_dtype
 
 __all__ = ["convert", "cp_layers", "task_context", "merge", "unmerge", "export", "parameter_report",
            "print_parameter_report", "HEAD_NAMES"]
@@ -183,6 +184,16 @@ def _layers_or_raise(model: nn.Module) -> list[tuple[str, FusedCPLinear]]:
     return layers
 
 
+def _unmerged_layers_or_raise(model: nn.Module, action: str) -> list[tuple[str, FusedCPLinear]]:
+    """The CP layers, refusing merged ones: their weight holds a copy of the update that `action` reads or changes."""
+    layers = _layers_or_raise(model)
+    for name, layer in layers:
+        if layer.merged_task is not None:
+            raise ValueError(f"layer {name!r} holds merged task {layer.merged_task}; call cpkernels.unmerge(model) "
+                             f"before {action}")
+    return layers
+
+
 def _task_index(model: nn.Module, task) -> int:
     """A task given by index or by name (model.cpkernels_config["task_names"]) as an index."""
     if isinstance(task, str):
@@ -214,13 +225,12 @@ def task_context(model: nn.Module, task_ids):
     layers = _layers_or_raise(model)
     if isinstance(task_ids, (str, int)):
         task_ids = torch.tensor(_task_index(model, task_ids))
-    elif isinstance(task_ids, (list, tuple)):
-        task_ids = torch.as_tensor(task_ids)
+    elif isinstance(task_ids, (list, tuple)):  # one task per sample, by index or by name
+        task_ids = torch.as_tensor([_task_index(model, t) if isinstance(t, str) else t for t in task_ids])
     if not isinstance(task_ids, torch.Tensor):
-        raise TypeError(f"task_ids must be an int, a task name, a list of ints or an integer tensor, "
+        raise TypeError(f"task_ids must be an int, a task name, a list of ints or names, or an integer tensor, "
                         f"got {type(task_ids).__name__}")
-    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
-        raise TypeError(f"task_ids must hold integers, got dtype {task_ids.dtype}")
+    check_task_ids_dtype(task_ids)
     on_device = {}
     previous = [(layer, layer.task_ids) for _, layer in layers]
     try:
@@ -245,13 +255,11 @@ def merge(model: nn.Module, task) -> None:
     The merged model then runs as the base model fine-tuned for that task, without task ids and at
     plain nn.Linear speed; `unmerge` restores the original weights bit for bit.
     """
-    layers = _layers_or_raise(model)
+    layers = _unmerged_layers_or_raise(model, "merging another task")
     task = _task_index(model, task)
     owners = {}
     for name, layer in layers:  # check everything before touching any weight
         layer._check_task(task)
-        if layer.merged_task is not None:
-            raise ValueError(f"layer {name!r} already holds merged task {layer.merged_task}; call unmerge first")
         if id(layer.weight) in owners:
             raise ValueError(f"layers {owners[id(layer.weight)]!r} and {name!r} share one weight tensor; merging "
                              f"would add two updates into it")

@@ -26,7 +26,7 @@ import weakref
 import torch
 
 from . import _ext
-from .reference import broadcast_task_ids, cp_linear_reference
+from .reference import broadcast_task_ids, check_task_ids_dtype, cp_linear_reference
 
 __all__ = ["cp_linear", "available_backends", "explain_backend", "BACKENDS"]
 
@@ -265,8 +265,7 @@ def _check_inputs(x, weight, bias, A, B, C, task_ids) -> torch.Tensor:
         raise ValueError(f"C has shape {_shape(C)}, expected (num_tasks, r={r}); A is {_shape(A)}, B is {_shape(B)}")
 
     if isinstance(task_ids, torch.Tensor):
-        if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
-            raise TypeError(f"task_ids must be an integer tensor (int32 or int64), got dtype {task_ids.dtype}")
+        check_task_ids_dtype(task_ids)
         if task_ids.device != x.device:
             raise ValueError(f"task_ids is on {task_ids.device} but x is on {x.device}")
         if task_ids.dtype not in (torch.int32, torch.int64):

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cp_linear_reference", "broadcast_task_ids"]
+__all__ = ["cp_linear_reference", "broadcast_task_ids", "check_task_ids_dtype"]
+
+
+def check_task_ids_dtype(task_ids: torch.Tensor) -> None:
+    """Task ids index rows of C: floats, complex numbers and booleans are refused, not rounded."""
+    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+        raise TypeError(f"task_ids must be an integer tensor (int32 or int64), got dtype {task_ids.dtype}")
 
 
 def broadcast_task_ids(task_ids, lead_shape: torch.Size, device) -> torch.Tensor:

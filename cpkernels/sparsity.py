@@ -44,7 +44,7 @@ import numbers
 import torch
 from torch import nn
 
-from .convert import _layers_or_raise, parameter_report
+from .convert import _layers_or_raise, _unmerged_layers_or_raise, parameter_report
 
 __all__ = ["KINDS", "penalty", "proximal_step", "prune", "prune_factors", "component_norms", "layer_factors",
            "compression_report"]
@@ -64,12 +64,8 @@ def _cp_layers_or_raise(model) -> list:
 
 def _unmerged_layers(model) -> list:
     """The CP layers, refusing merged ones: their weight holds a copy of the update we would change."""
-    layers = _cp_layers_or_raise(model)
-    for name, m in layers:
-        if m.merged_task is not None:
-            raise ValueError(f"layer {name!r} holds merged task {m.merged_task}; call cpkernels.unmerge(model) "
-                             f"before changing its factors")
-    return layers
+    _cp_layers_or_raise(model)  # the type check
+    return _unmerged_layers_or_raise(model, "changing its factors")
 
 
 def layer_factors(model_or_factors) -> dict[str, dict]:
@@ -79,7 +75,7 @@ def layer_factors(model_or_factors) -> dict[str, dict]:
     `cpkernels.adapters.read_adapters` returns (an optional "scale" entry per layer; default 1).
     A trained bias of a converted layer appears as "bias", as in saved adapters. The tensors are the
     layers' own parameters (not copies). Shapes are checked:
-    A (d_out, r), B (d_in, r), C (T, r), with the same r and the same T in every layer.
+    A (d_out, r), B (d_in, r), C (T, r): T is the same in every layer, r may differ (after pruning).
     """
     if isinstance(model_or_factors, nn.Module):
         return {name: _module_factors(m) for name, m in _cp_layers_or_raise(model_or_factors)}

@@ -171,7 +171,7 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="tasks must be distinct"):
         save_adapters(model, tmp_path, tasks=[3])
     merge(model, 0)
-    with pytest.raises(ValueError, match="unmerge before saving"):
+    with pytest.raises(ValueError, match=r"unmerge\(model\) before saving adapters"):
         save_adapters(model, tmp_path)
     with pytest.raises(ValueError, match="no FusedCPLinear"):
         save_adapters(_base(), tmp_path)
@@ -195,3 +195,13 @@ def test_interrupted_save_keeps_the_previous_adapters(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
     save_adapters(model, tmp_path)  # overwriting works
     assert torch.equal(read_adapters(tmp_path)[1]["0"]["A"], model[0].A.detach())
+
+
+def test_load_into_merged_model_is_refused(tmp_path):
+    # A merged layer serves its weight copy of ΔW and ignores the factors: loading new ones would
+    # silently change nothing until unmerge.
+    model = _trained()
+    save_adapters(model, tmp_path)
+    merge(model, 0)
+    with pytest.raises(ValueError, match=r"unmerge\(model\) before loading adapters"):
+        load_adapters(model, tmp_path)

@@ -143,16 +143,16 @@ def _manual_forward(model, ids, tokens):
     return model.classifier(torch.tanh(apply(model.pooler, h[:, 0], ids))), model.lm_head(h)
 
 
-@pytest.mark.parametrize("form", ["per_sample", "per_token", "int", "name", "list"])
+@pytest.mark.parametrize("form", ["per_sample", "per_token", "int", "name", "list", "names"])
 def test_task_context_forms(form):
     # Per-token ids need every converted layer to see (batch, seq, d): the pooler (batch, d) stays out.
     exclude = ["pooler"] if form == "per_token" else None
     model = _converted_net(torch.float64, task_names=["a", "b", "c", "d"], exclude=exclude)
     tokens = torch.randint(0, 50, (4, 6))
     ids = {"per_sample": torch.tensor([3, 0, 2, 1]), "per_token": torch.randint(0, 4, (4, 6)), "int": 2,
-           "name": "c", "list": [3, 0, 2, 1]}[form]
+           "name": "c", "list": [3, 0, 2, 1], "names": ["d", "a", "c", "b"]}[form]
     expected_ids = {"int": torch.tensor([2] * 4), "name": torch.tensor([2] * 4),
-                    "list": torch.tensor([3, 0, 2, 1])}.get(form, ids)
+                    "list": torch.tensor([3, 0, 2, 1]), "names": torch.tensor([3, 0, 2, 1])}.get(form, ids)
     with task_context(model, ids):
         got = model(tokens)
     expected = _manual_forward(model, expected_ids, tokens)
@@ -181,7 +181,7 @@ def test_task_routing_errors():
         model(tokens)
     with pytest.raises(IndexError, match="num_tasks=4"), task_context(model, torch.tensor([0, 4])):
         model(tokens)
-    with pytest.raises(TypeError, match="integers"), task_context(model, torch.tensor([0.0, 1.0])):
+    with pytest.raises(TypeError, match="task_ids must be an integer tensor"), task_context(model, torch.tensor([0.0, 1.0])):
         pass
     with pytest.raises(ValueError, match="unknown task name 'x'"), task_context(model, "x"):
         pass
@@ -241,7 +241,7 @@ def test_merge_unmerge_is_exact():
     got = model(tokens)  # merged: no task ids needed
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="already holds merged task 2"):
+    with pytest.raises(ValueError, match="holds merged task 2"):
         merge(model, 1)
     assert "unmerged_weight" not in model.state_dict() and "pooler.unmerged_weight" not in model.state_dict()
     unmerge(model)

@@ -202,7 +202,17 @@ def run(argv=None) -> dict | None:
     if args.group_lasso > 0 and sparsity is None:
         raise ImportError("--group-lasso needs cpkernels.sparsity, which this installation lacks")
 
+    dist = torch.distributed
+    joined_here = dist.is_available() and not dist.is_initialized()
     d = loop.setup_distributed(args.device)
+    try:
+        return _train_and_report(args, d, smoke, tasks, sparsity, analysis)
+    finally:  # a group left open makes torch warn (and NCCL leak) at exit; a caller's group is theirs
+        if joined_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_and_report(args, d, smoke, tasks, sparsity, analysis) -> dict | None:
     say = print if d.is_main else (lambda *a, **k: None)
     t_start = time.perf_counter()
     output_dir = Path(args.output_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import io
 import math
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..adapters import load_adapters, save_adapters
+from ..adapters import atomic_write, load_adapters, save_adapters
 from .data import MultiTaskSampler, collate
 from .heads import MultiTaskModel, load_heads, save_heads
 from .metrics import compute_metrics
@@ -133,8 +134,10 @@ def save_checkpoint(path, model, optimizer, scheduler, sampler, step: int, d: Di
     inner = _unwrap(model)
     save_adapters(inner.backbone, tmp / ADAPTERS_DIR)
     save_heads(inner, tmp / HEADS_NAME)
+    state = io.BytesIO()  # through atomic_write, so the state file is fsynced like the adapters and heads
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(), "rng": rng, "meta": meta}, tmp / STATE_NAME)
+                "sampler": sampler.state_dict(), "rng": rng, "meta": meta}, state)
+    atomic_write(tmp / STATE_NAME, state.getvalue())
     if path.exists():  # re-saving a step (a rerun into the same output dir): swap the old one out first
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -236,21 +239,24 @@ def train(model, optimizer, scheduler, sampler: MultiTaskSampler, train_sets, pa
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and d.is_main),
                desc="training", dynamic_ncols=True)
     for step in range(start_step, cfg.max_steps):
+        # The loss stays on the device until a log line needs it, and tokens are counted on the host
+        # batch: no device-to-host sync per micro-batch.
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             rows = sampler.draw(cfg.batch_size * d.world_size)
             mix.update(k for k, _ in rows)
             rows = rows[d.rank::d.world_size]
             examples = [train_sets[k][i] for k, i in rows]
-            batch = _batch_to(collate(examples, [k for k, _ in rows], pad_id), d.device)
-            tokens += int(batch["attention_mask"].sum()) * d.world_size
+            host_batch = collate(examples, [k for k, _ in rows], pad_id)
+            tokens += int(host_batch["attention_mask"].sum()) * d.world_size
+            batch = _batch_to(host_batch, d.device)
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if (last or not d.enabled) else model.no_sync()
             with sync:
                 with _autocast(d.device, cfg.bf16):
                     loss, _ = model(**batch)
                 (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
+            step_loss = step_loss + loss.detach().float() / cfg.grad_accum
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -264,7 +270,7 @@ def train(model, optimizer, scheduler, sampler: MultiTaskSampler, train_sets, pa
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            curve.append({"step": done, "loss": window_loss / window_steps, "lr": lr})
+            curve.append({"step": done, "loss": float(window_loss) / window_steps, "lr": lr})
             window_loss, window_steps = 0.0, 0
             postfix = {"loss": f"{curve[-1]['loss']:.4f}",  # this rank's loss, averaged over the window
                        "tok/s": f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f}",
