@@ -37,6 +37,11 @@ def test_torch_compile_fullgraph_cpu():
     A.grad = None
     cp_linear_reference(x, w, b, A, B, C, t, 0.5).square().sum().backward()
     torch.testing.assert_close(gA, A.grad, rtol=1e-4, atol=1e-5)
+    # Rank 0 (every component pruned) compiles too, and still gives the factors (empty) gradients.
+    r0 = make_inputs(0, 24, 20, 0, 3, per_sample_shape=(3, 5))
+    compiled_r0 = torch.compile(lambda x: cp_linear(x, w, b, r0["A"], r0["B"], r0["C"], t, 0.5), fullgraph=True)
+    compiled_r0(x).sum().backward()
+    assert r0["A"].grad.shape == (20, 0)
     # Inside the graph no IndexError can be raised: a bad id acts as -1 (no adapter), never out of bounds.
     bad = torch.tensor([0, 3, -7])
     with torch.no_grad():
