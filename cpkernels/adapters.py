@@ -10,13 +10,12 @@ renamed over the old one with os.replace.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .io import atomic_write  # re-exported: cpkernels.train imports it from here
 from .convert import _task_index, _unmerged_layers_or_raise, layer_info, parameter_report
 
 __all__ = ["save_adapters", "load_adapters", "read_adapters", "atomic_write", "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME"]
@@ -33,31 +32,6 @@ def _safetensors():
     except ImportError as exc:
         raise ImportError("saving and loading adapters needs safetensors: pip install safetensors") from exc
     return safetensors
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix.
-
-    Temp file in the same directory, fsync, os.replace, then fsync of the directory. The files a crash
-    must not corrupt go through here: adapters, heads, the trainer's checkpoint state, results and figures.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # Make the rename itself durable (POSIX; Windows cannot open directories).
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _selected_tasks(model, tasks, num_tasks: int) -> list[int]:
