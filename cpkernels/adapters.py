@@ -9,12 +9,14 @@ renamed over the old one with os.replace.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .config import model_config
 from .io import atomic_write  # re-exported: cpkernels.train imports it from here
 from .convert import _task_index, _unmerged_layers_or_raise, layer_info, parameter_report
 
@@ -60,7 +62,8 @@ def save_adapters(model: nn.Module, path, tasks=None) -> None:
     if any(layer.num_tasks != num_tasks for _, layer in layers):
         raise ValueError("the model's FusedCPLinear layers disagree on num_tasks; cannot save one adapter set")
     picked = _selected_tasks(model, tasks, num_tasks)
-    base = getattr(model, "cpkernels_config", {})
+    base = model_config(model)
+    base = base.to_dict() if base is not None else {}
     tensors, layer_cfg = {}, {}
     index = torch.tensor(picked, dtype=torch.long)
     for name, layer in layers:
@@ -179,5 +182,5 @@ def load_adapters(model: nn.Module, path) -> None:
             layer.scale = float(config["layers"][name]["scale"])
             if "bias" in f:
                 layer.bias.copy_(f["bias"])
-    if isinstance(getattr(model, "cpkernels_config", None), dict):
-        model.cpkernels_config["task_names"] = list(config["task_names"])
+    if model_config(model) is not None:
+        model.cpkernels_config = dataclasses.replace(model_config(model), task_names=list(config["task_names"]))

@@ -62,7 +62,7 @@ def test_round_trip_and_config(tmp_path):
     load_adapters(fresh, tmp_path / "ad")
     assert fresh[0].A is A_param  # same rank: loaded in place, an optimizer stays valid
     assert all(torch.equal(a, b) for a, b in zip(_outputs(fresh, x), _outputs(model, x)))
-    assert fresh.cpkernels_config["task_names"] == ["x", "y", "z"]
+    assert fresh.cpkernels_config.task_names == ["x", "y", "z"]
 
 
 def test_read_adapters_without_a_model(tmp_path):
