@@ -6,8 +6,9 @@ Public API only; the logic lives in the submodules. `cpkernels.sparsity` and `cp
 are imported as modules by users who need them.
 """
 from .adapters import load_adapters, read_adapters, save_adapters
-from .convert import (convert, cp_layers, export, merge, parameter_report, print_parameter_report, task_context,
-                      unmerge)
+from .config import CPConfig
+from .convert import (checkpoint_context, convert, cp_layers, export, merge, parameter_report, print_parameter_report,
+                      task_context, unmerge)
 from .modules import FusedCPLinear
 from .ops import BACKENDS, available_backends, cp_linear, explain_backend
 from .reference import cp_linear_reference
@@ -16,8 +17,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CPConfig",
     "FusedCPLinear",
     "available_backends",
+    "checkpoint_context",
     "convert",
     "cp_layers",
     "cp_linear",
