@@ -309,21 +309,23 @@ def _check_plain(model: nn.Module, config: dict, factors: dict, heads: dict, sou
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{source} holds layer {name!r} but the model has no such module") from None
-        shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
-        if not isinstance(module, nn.Linear) or shape != (f.out_features, f.in_features):
+        shape = _linear_shape(module)
+        if shape != (f.out_features, f.in_features):
             raise ValueError(f"layer {name!r}: {source} holds an adapter for a Linear of (out, in) = "
                              f"{(f.out_features, f.in_features)}, the model has a {type(module).__name__} "
-                             f"{shape if isinstance(module, nn.Linear) else ''}")
+                             f"{shape or ''}")
         if f.bias is not None and module.bias is None:
             raise ValueError(f"layer {name!r} has no bias but {source} holds a trained bias")
     _check_heads(model, heads, source)
 
 
-def _convert(model: nn.Module, config: CPConfig) -> None:
-    from .convert import convert  # convert imports factors; adapters is imported by neither
-    convert(model, rank=config.rank, num_tasks=config.num_tasks, target_modules=config.target_modules,
-            exclude=config.exclude, scale=config.scale, task_names=config.task_names, init=config.init)
-    model.cpkernels_config = config
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of an nn.Linear or a GPT-2 Conv1D (weight stored (in, out)); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return tuple(module.weight.shape[::-1])
+    return None
 
 
 def load_adapters(model: nn.Module, path) -> nn.Module:
@@ -345,7 +347,8 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     source = f"the adapters at {path}"
     if not any(isinstance(m, FusedCPLinear) for m in model.modules()):
         _check_plain(model, config, factors, heads, source)
-        _convert(model, cp)
+        from .convert import convert  # convert imports factors and config; importing it at the top would cycle
+        convert(model, cp)
     model_layers = dict(converted_layers(model, refuse_merged="loading adapters"))
     _check_layers(model, model_layers, config, factors, source)
     head_states = _check_heads(model, heads, source)

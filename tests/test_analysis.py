@@ -146,7 +146,7 @@ def test_plots_are_valid_pngs(tmp_path):
 # --------------------------------------------------------------------------------------------
 def saved_adapters(tmp_path, tasks=None):
     model = random_model(num_tasks=3, scale=0.5)
-    model.cpkernels_config["task_names"] = ["cola", "sst2", "mrpc"]
+    model.cpkernels_config.task_names = ["cola", "sst2", "mrpc"]
     first = next(iter(cp_layers(model)))[1]
     with torch.no_grad():
         first.C[:, 0] = 0  # one dead component: live rank 4 of 5

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from cpkernels.config import CPConfig
 from cpkernels.convert import (
     convert, cp_layers, export, merge, parameter_report, print_parameter_report, task_context, unmerge,
 )
@@ -70,11 +71,37 @@ def test_all_linear_skips_heads_and_freezes_the_base():
     assert type(model.classifier) is nn.Linear and type(model.lm_head) is nn.Linear
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{layer}.{f}" for layer in ("blocks.0", "blocks.2", "pooler") for f in "ABC"}
-    assert model.cpkernels_config == {"rank": 3, "num_tasks": 4, "task_names": ["a", "b", "c", "d"],
-                                      "target_modules": "all-linear", "exclude": None, "scale": 0.5, "init": "cp"}
+    assert model.cpkernels_config == CPConfig(rank=3, num_tasks=4, task_names=["a", "b", "c", "d"], scale=0.5)
     with task_context(model, torch.tensor([0, 3, 1, 2])):
         after = model(ids)
     assert all(torch.equal(a, b) for a, b in zip(after, before))  # C = 0 at init: bit-identical
+
+
+def test_convert_takes_a_cpconfig_or_keywords_and_unfreezes_modules_to_save():
+    torch.manual_seed(0)
+    config = CPConfig(rank=2, num_tasks=3, target_modules=["blocks.0", "pooler"], scale=0.25,
+                      modules_to_save=["classifier"])
+    model = convert(Net(), config)
+    assert model.cpkernels_config is config
+    assert [n for n, _ in cp_layers(model)] == ["blocks.0", "pooler"] and model.pooler.scale == 0.25
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{f}" for n in ("blocks.0", "pooler") for f in "ABC"} | {"classifier.weight",
+                                                                                     "classifier.bias"}
+    keywords = convert(Net(), rank=2, num_tasks=3, target_modules=["blocks.0", "pooler"], scale=0.25,
+                       modules_to_save=["classifier"])
+    assert keywords.cpkernels_config == config
+    # A module to save is never converted, even when the targets match it.
+    model = convert(Net(), CPConfig(rank=2, num_tasks=1, target_modules=".*", modules_to_save=["pooler"]))
+    assert type(model.pooler) is nn.Linear and model.pooler.weight.requires_grad
+    assert isinstance(model.classifier, FusedCPLinear)
+    with pytest.raises(TypeError, match=r"CPConfig and the keyword\(s\) \['scale'\]"):
+        convert(Net(), config, scale=2.0)
+    with pytest.raises(TypeError, match="not a dict"):
+        convert(Net(), config.to_dict())
+    with pytest.raises(TypeError, match=r"needs a CPConfig or the keyword\(s\) \['num_tasks'\]"):
+        convert(Net(), rank=2)
+    with pytest.raises(ValueError, match=r"modules_to_save entries \['head'\] match no module"):
+        convert(Net(), CPConfig(rank=2, num_tasks=1, modules_to_save=["head"]))
 
 
 def test_the_only_linear_of_a_bare_sequential_is_converted():
@@ -122,11 +149,68 @@ def test_shared_linear_is_replaced_everywhere():
     assert isinstance(model[0], FusedCPLinear) and model[0] is model[2]
 
 
-def test_gpt2_conv1d_is_refused_with_a_clear_message(transformers):
-    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
-    with pytest.raises(TypeError, match=r"'h\.0\.attn\.c_attn' is a transformers Conv1D.*\(in, out\)"):
-        convert(transformers.GPT2Model(config), 4, 2)
+def _tiny_gpt2(transformers):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_gpt2_conv1d_converts_matches_at_init_and_merges(transformers):
+    # Before: Conv1D (weight stored (in, out)) was refused, and the "exclude it" hint left nothing to convert.
+    from transformers.pytorch_utils import Conv1D
+
+    model = _tiny_gpt2(transformers)
+    tokens = torch.randint(0, 100, (3, 9))
+    before = model(tokens).logits
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    convert(model, CPConfig(rank=4, num_tasks=3))
+    names = [n for n, _ in cp_layers(model)]
+    assert names == [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj",
+                                                                          "mlp.c_fc", "mlp.c_proj")]
+    assert type(model.lm_head) is nn.Linear  # tied output embeddings: a head, left alone
+    assert all(layer.fan_in_fan_out for _, layer in cp_layers(model))
+    # The (in, out) layout is kept, so the base keys and shapes stay GPT-2's.
+    assert {k: v.shape for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] not in "ABC"} == keys
+    with task_context(model, torch.tensor([2, 0, 1])):
+        assert torch.equal(model(tokens).logits, before)  # C = 0: bit-identical at init
+
+    _randomize_factors(model)
+    layer = model.transformer.h[0].mlp.c_fc
+    x, ids = torch.randn(3, 5, 32, dtype=torch.float64), torch.tensor([1, 2, 0])
+    expected = cp_linear_reference(x, layer.weight.T.double(), layer.bias.double(), layer.A.double(),
+                                   layer.B.double(), layer.C.double(), ids, layer.scale)
+    torch.testing.assert_close(layer(x.float(), task_ids=ids).double(), expected, rtol=1e-4, atol=1e-4)
+
+    with task_context(model, 1):
+        task1 = model(tokens).logits
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merge(model, 1)
+    torch.testing.assert_close(model(tokens).logits, task1, rtol=1e-4, atol=1e-4)
+    unmerge(model)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    exported = export(model, 1)
+    assert type(exported.transformer.h[0].attn.c_attn) is Conv1D
+    torch.testing.assert_close(exported(tokens).logits, task1, rtol=1e-4, atol=1e-4)
+    plain = _tiny_gpt2(transformers)
+    plain.load_state_dict(exported.state_dict())  # loads into the original architecture
+    torch.testing.assert_close(plain(tokens).logits, task1, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_trains_in_mixed_batches(transformers):
+    model = convert(_tiny_gpt2(transformers), rank=4, num_tasks=3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    tokens, ids = torch.randint(0, 100, (6, 10), generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    losses = []
+    for _ in range(8):
+        loss = model(tokens, labels=tokens, task_ids=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(layer.A.grad.abs().sum() > 0 for _, layer in cp_layers(model))
 
 
 # --------------------------------------------------------------------------------------------
