@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .config import CPConfig, model_config
+from .convert import convert
 from .factors import LayerFactors, converted_layers, layer_info, model_factors, parameter_report
 from .io import atomic_write  # re-exported: cpkernels.train imports it from here
 from .modules import FusedCPLinear
@@ -347,7 +348,6 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     source = f"the adapters at {path}"
     if not any(isinstance(m, FusedCPLinear) for m in model.modules()):
         _check_plain(model, config, factors, heads, source)
-        from .convert import convert  # convert imports factors and config; importing it at the top would cycle
         convert(model, cp)
     model_layers = dict(converted_layers(model, refuse_merged="loading adapters"))
     _check_layers(model, model_layers, config, factors, source)

@@ -229,12 +229,6 @@ def test_rank_mismatch_is_refused(tmp_path):
     assert rank8[0].rank == 8 and all(torch.equal(a, b) for a, b in zip(before, rank8.parameters()))
 
 
-def _with_head(model):
-    """The model's config asks for its last Linear to be saved in full, as a task head."""
-    model.cpkernels_config = dataclasses.replace(model_config(model), modules_to_save=["head"])
-    return model
-
-
 def _headed_base():
     torch.manual_seed(0)
     return nn.Sequential(OrderedDict(body=nn.Linear(7, 11), act=nn.Tanh(), mid=nn.Linear(11, 9),
@@ -242,9 +236,10 @@ def _headed_base():
 
 
 def test_from_pretrained_rebuilds_a_plain_model_with_heads_and_pruned_ranks(tmp_path):
-    model = convert(_headed_base(), rank=5, num_tasks=T, scale=0.25, task_names=["x", "y", "z"],
-                    target_modules=["body", "mid"])
-    _with_head(model)
+    # all-linear, but modules_to_save are never converted: they train in full.
+    model = convert(_headed_base(), CPConfig(rank=5, num_tasks=T, scale=0.25, task_names=["x", "y", "z"],
+                                             modules_to_save=["head"]))
+    assert model.head.weight.requires_grad and not isinstance(model.head, FusedCPLinear)
     with torch.no_grad():
         for _, layer in cp_layers(model):
             for p in (layer.A, layer.B, layer.C):
@@ -274,8 +269,8 @@ def _route(model, x, ids):
 
 
 def test_from_pretrained_refuses_a_plain_model_that_does_not_fit(tmp_path):
-    model = convert(_headed_base(), rank=3, num_tasks=T, target_modules=["body", "mid"])
-    save_adapters(_with_head(model), tmp_path)
+    model = convert(_headed_base(), rank=3, num_tasks=T, target_modules=["body", "mid"], modules_to_save=["head"])
+    save_adapters(model, tmp_path)
     wrong = _headed_base()
     wrong.mid = nn.Linear(11, 8)
     with pytest.raises(ValueError, match=r"layer 'mid'.*\(9, 11\).*Linear \(8, 11\)"):
