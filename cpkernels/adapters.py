@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -394,9 +395,185 @@ def from_pretrained(model: nn.Module, path) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # LoRA interop (PEFT adapter folders)
 # --------------------------------------------------------------------------------------------
-def export_lora(model, path, tasks=None):
-    raise NotImplementedError
+# One CP layer holds T LoRA updates: ΔW_t = s·A·diag(c_t)·Bᵀ = (A)·(diag(s·c_t)·Bᵀ), i.e. PEFT's
+# lora_B·lora_A·scaling with lora_B = A (d_out × r), lora_A = diag(c_t)·Bᵀ (r × d_in) and
+# scaling = lora_alpha / r = s. The other way, T LoRA adapters side by side are one CP layer of rank
+# Σ r_t whose C holds each adapter's scaling on its own block of components and 0 elsewhere.
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
 
 
-def from_lora(folders, model):
-    raise NotImplementedError
+def _exact(name: str) -> str:
+    r"""A PEFT pattern key that matches the module `name` and nothing else. PEFT matches rank_pattern /
+    alpha_pattern keys with re.match(r"(.*\.)?(KEY)$"): the "^" stops "0" from also matching "x.0"."""
+    return "^" + re.escape(name)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching a dotted suffix of `name`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def export_lora(model: nn.Module, path, tasks=None) -> list[Path]:
+    """Write one standard PEFT LoRA adapter folder per task under `path` (``path/<task name>/`` with
+    adapter_config.json and adapter_model.safetensors); return the folders.
+
+    Each holds lora_A = diag(c_t)·Bᵀ, lora_B = A and lora_alpha = s·r per converted layer (rank_pattern
+    and alpha_pattern where layers differ, e.g. after pruning; layers pruned to rank 0 are left out),
+    plus the heads of ``modules_to_save``. ``peft.PeftModel.from_pretrained(base_model, folder)`` then
+    reproduces the task's output, as does any multi-LoRA server that reads PEFT folders. A trained bias
+    of a converted layer has no LoRA equivalent and is refused.
+    """
+    st = _safetensors()
+    layers = dict(converted_layers(model, refuse_merged="exporting LoRA adapters"))
+    config = _config_of(model, list(layers.items()))
+    picked = [config.task_index(t) for t in ([tasks] if isinstance(tasks, (int, str)) else tasks)] \
+        if tasks is not None else list(range(config.num_tasks))
+    factors = {n: f for n, f in model_factors(model).items() if f.rank > 0}
+    if not factors:
+        raise ValueError("every converted layer has rank 0 (all pruned): there is no update to export")
+    trained = [n for n, f in factors.items() if f.bias is not None]
+    if trained:
+        raise ValueError(f"layers {trained[:4]} train their bias, which a LoRA adapter cannot hold; export "
+                         f"cpkernels.export(model, task) for a plain model instead")
+    rank = max(f.rank for f in factors.values())
+    scale = next(iter(factors.values())).scale
+    heads = {n: m.state_dict() for n, m in _heads(model, config).items()}
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": rank, "lora_alpha": scale * rank, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True,
+        "target_modules": "|".join(re.escape(n) for n in factors),  # a regex: exactly these modules
+        "rank_pattern": {_exact(n): f.rank for n, f in factors.items() if f.rank != rank},
+        "alpha_pattern": {_exact(n): f.scale * f.rank for n, f in factors.items() if f.scale * f.rank != scale * rank},
+        # GPT-2's Conv1D stores its weight (in, out); PEFT needs to know to merge such layers.
+        "fan_in_fan_out": any(layers[n].fan_in_fan_out for n in factors),
+        "modules_to_save": sorted(heads) or None,
+    }
+    folders = []
+    root = Path(path)
+    for t in picked:
+        tensors = {}
+        for name, f in factors.items():
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = (f.B.detach() * f.C.detach()[t]).T.cpu().contiguous()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = f.A.detach().cpu().contiguous()
+        for head, state in heads.items():
+            tensors.update({f"{_PEFT_PREFIX}{head}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
+        folder = root / config.task_names[t]
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / PEFT_WEIGHTS_NAME, st.torch.save(tensors, metadata={"format": "pt"}))
+        atomic_write(folder / PEFT_CONFIG_NAME, (json.dumps(peft_config, indent=2) + "\n").encode())
+        folders.append(folder)
+    return folders
+
+
+def _read_lora(folder) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+    """(folder name, {layer: (lora_A, lora_B, scaling)}) of one PEFT LoRA folder, refusing what a CP
+    layer cannot hold (DoRA, biases, embeddings, heads)."""
+    st = _safetensors()
+    folder = Path(folder)
+    config_file, weights_file = folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: it needs {PEFT_CONFIG_NAME} and "
+                                f"{PEFT_WEIGHTS_NAME} (a .bin adapter: load and save it with PEFT first)")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}; from_lora reads LORA adapters")
+    unsupported = [k for k in ("use_dora", "lora_bias", "use_qalora", "target_parameters", "layer_replication",
+                               "trainable_token_indices", "modules_to_save") if config.get(k)]
+    if config.get("bias", "none") != "none":
+        unsupported.append(f"bias={config['bias']!r}")
+    if unsupported:
+        raise ValueError(f"{config_file}: {unsupported} cannot become part of a shared CP layer (each task's "
+                         f"heads and biases would differ); only plain LoRA weights convert")
+    with st.safe_open(str(weights_file), framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    pairs = {}
+    for key in tensors:
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if match is None:
+            raise ValueError(f"{weights_file}: tensor {key!r} is not a LoRA lora_A/lora_B weight of a Linear layer")
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensors[key]
+    layers = {}
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{weights_file}: layer {name!r} has only lora_{''.join(pair)}")
+        lora_A, lora_B = pair["A"], pair["B"]
+        r = lora_A.shape[0]
+        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_B.shape[1] != r:
+            raise ValueError(f"{weights_file}: layer {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
+                             f"{tuple(lora_B.shape)}; expected (r, in) and (out, r)")
+        want_r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        if want_r != r:
+            raise ValueError(f"{config_file}: layer {name!r} has rank {r} in its weights but {want_r} in its config")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r  # PEFT's two rules
+        layers[name] = (lora_A, lora_B, float(scaling))
+    if not layers:
+        raise ValueError(f"{weights_file} holds no LoRA weights")
+    return folder.name, layers
+
+
+def from_lora(folders, model: nn.Module, task_names=None) -> nn.Module:
+    """Turn T PEFT LoRA adapters trained on one base model into one set of CP layers of `model` (the
+    plain base), in place, with no approximation; return `model`.
+
+    Each layer gets rank Σ_t r_t: A = [lora_B¹ … lora_Bᵀ], B = [lora_A¹ᵀ … lora_Aᵀᵀ], and C[t] holds
+    adapter t's scaling (lora_alpha / r) on its own block of components and 0 elsewhere (s = 1). A layer
+    that some adapter does not touch gets no block for it. Task t then computes exactly adapter t, and
+    one fused launch serves a batch mixing all of them (``task_ids`` per row). Task names default to
+    the folder names. Save the result with `save_adapters`; `cpkernels.sparsity.prune` drops
+    components that are exactly zero.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, FusedCPLinear) for m in model.modules()):
+        raise ValueError("from_lora converts a plain base model; this one already has FusedCPLinear layers")
+    if isinstance(folders, (str, Path)):
+        folders = [folders]
+    adapters = [_read_lora(f) for f in folders]
+    if not adapters:
+        raise ValueError("from_lora needs at least one LoRA folder")
+    if task_names is None:
+        names = [name for name, _ in adapters]
+        task_names = names if len(set(names)) == len(names) else None
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    missing = sorted({n for _, layers in adapters for n in layers if n not in order})
+    if missing:
+        raise ValueError(f"the LoRA adapters name layers the model lacks: {missing[:8]}; from_lora needs the "
+                         f"base model they were trained on")
+    names = sorted({n for _, layers in adapters for n in layers}, key=order.__getitem__)
+    T = len(adapters)
+    factors = {}
+    for name in names:
+        blocks = [(t, layers[name]) for t, (_, layers) in enumerate(adapters) if name in layers]
+        A = torch.cat([lora_B for _, (_, lora_B, _) in blocks], dim=1)
+        B = torch.cat([lora_A.T for _, (lora_A, _, _) in blocks], dim=1)
+        C = torch.zeros(T, A.shape[1], dtype=A.dtype)
+        start = 0
+        for t, (lora_A, _, scaling) in blocks:
+            C[t, start:start + lora_A.shape[0]] = scaling
+            start += lora_A.shape[0]
+        try:
+            factors[name] = LayerFactors(name, A, B, C)
+        except ValueError as exc:  # adapters of one layer with different (in, out): not one base model
+            raise ValueError(f"the LoRA adapters disagree on layer {name!r}: {exc}") from None
+    source = f"the LoRA adapters {[str(f) for f in folders]}"
+    _check_plain(model, None, factors, {}, source)
+    config = CPConfig(rank=max(f.rank for f in factors.values()), num_tasks=T, task_names=task_names,
+                      target_modules="|".join(re.escape(n) for n in names), scale=1.0)
+    convert(model, config)
+    with torch.no_grad():
+        for name, layer in converted_layers(model):
+            f = factors[name]
+            if f.rank == layer.rank:
+                for p, v in ((layer.A, f.A), (layer.B, f.B), (layer.C, f.C)):
+                    p.copy_(v)
+            else:
+                layer.set_factors(f.A, f.B, f.C)
+    return model
