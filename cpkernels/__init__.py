@@ -5,10 +5,10 @@
 Public API only; the logic lives in the submodules. `cpkernels.sparsity` and `cpkernels.analysis`
 are imported as modules by users who need them.
 """
-from .adapters import load_adapters, read_adapters, save_adapters
+from .adapters import export_lora, from_lora, from_pretrained, load_adapters, read_adapters, save_adapters
 from .config import CPConfig
-from .convert import (checkpoint_context, convert, cp_layers, export, merge, parameter_report, print_parameter_report,
-                      task_context, unmerge)
+from .convert import checkpoint_context, convert, cp_layers, export, merge, task_context, unmerge
+from .factors import LayerFactors, parameter_report, print_parameter_report
 from .modules import FusedCPLinear
 from .ops import BACKENDS, available_backends, cp_linear, explain_backend
 from .reference import cp_linear_reference
@@ -19,6 +19,7 @@ __all__ = [
     "BACKENDS",
     "CPConfig",
     "FusedCPLinear",
+    "LayerFactors",
     "available_backends",
     "checkpoint_context",
     "convert",
@@ -27,6 +28,9 @@ __all__ = [
     "cp_linear_reference",
     "explain_backend",
     "export",
+    "export_lora",
+    "from_lora",
+    "from_pretrained",
     "load_adapters",
     "merge",
     "parameter_report",

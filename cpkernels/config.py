@@ -110,6 +110,19 @@ class CPConfig:
                 raise TypeError(f"modules_to_save must be a list of module-name suffixes or None, got {mods!r}")
             self.modules_to_save = list(mods)
 
+    def task_index(self, task) -> int:
+        """A task given by index or by name as an index in [0, num_tasks); IndexError / ValueError
+        otherwise (a negative index is refused, never read as counting from the end)."""
+        if isinstance(task, str):
+            if task not in self.task_names:
+                raise ValueError(f"unknown task name {task!r}; the tasks are {self.task_names}")
+            return self.task_names.index(task)
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int or a task name, got {type(task).__name__}")
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} is outside [0, num_tasks={self.num_tasks})")
+        return task
+
     # ----------------------------------------------------------------------------------------
     # Serialisation
     # ----------------------------------------------------------------------------------------

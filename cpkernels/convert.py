@@ -1,4 +1,4 @@
-"""Whole-model conversion, task routing, merge/export and the parameter report.
+"""Whole-model conversion, task routing and merge/export (the parameter report lives in factors.py).
 
     model = cpkernels.convert(model, rank=8, num_tasks=4)      # nn.Linear -> FusedCPLinear, base frozen
     with cpkernels.task_context(model, task_ids):              # (batch,) ids, or per token
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import CPConfig, model_config
+from .factors import layer_info, parameter_report, print_parameter_report  # noqa: F401 (re-exported)
 from .modules import ROUTES, FusedCPLinear
 from .reference import check_task_ids_dtype
 
@@ -409,65 +410,3 @@ def _plain_layer(layer: FusedCPLinear, task: int) -> nn.Module:
     conv.weight = nn.Parameter(linear.weight.detach().T.contiguous(), requires_grad=linear.weight.requires_grad)
     conv.bias = linear.bias
     return conv
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter report
-# --------------------------------------------------------------------------------------------
-def layer_info(layer: FusedCPLinear) -> dict:
-    """The shape of one converted layer, as stored in reports and adapter configs."""
-    return {"in_features": layer.in_features, "out_features": layer.out_features, "rank": layer.rank,
-            "bias": layer.bias is not None, "scale": layer.scale}
-
-
-def parameter_report(model: nn.Module) -> dict:
-    """Count parameters the way the paper does.
-
-    Keys: ``total`` (every parameter), ``frozen`` (requires_grad False), ``shared_trainable`` (A and B,
-    plus converted layers' biases if they train), ``per_task`` (one row of C per layer: the sum of the
-    ranks), ``other_trainable`` (any other parameter that trains: task heads you add, unfrozen
-    norms), ``base_parameters`` (total minus the CP factors and other_trainable), ``percent_per_task``
-    (100·per_task / base_parameters), ``amortized_per_task`` (shared_trainable / num_tasks +
-    per_task, which is how the paper arrives at "0.3% per task") and ``percent_amortized_per_task``,
-    ``trainable``, ``num_tasks``, and ``layers`` ({name: in/out features, rank, bias, scale}).
-    """
-    layers = _layers_or_raise(model)
-    factors = {id(p) for _, layer in layers for p in (layer.A, layer.B, layer.C)}
-    biases = {id(layer.bias) for _, layer in layers if layer.bias is not None}
-    total = frozen = factor_total = shared_bias = other = 0
-    for p in model.parameters():  # unique Parameters: shared ones count once
-        n = p.numel()
-        total += n
-        if id(p) in factors:
-            factor_total += n
-        if not p.requires_grad:
-            frozen += n
-        elif id(p) in biases:
-            shared_bias += n
-        elif id(p) not in factors:
-            other += n
-    shared = shared_bias + sum(f.numel() for _, layer in layers for f in (layer.A, layer.B) if f.requires_grad)
-    per_task = sum(layer.rank for _, layer in layers)
-    num_tasks = layers[0][1].num_tasks
-    base = total - factor_total - other
-    amortized = shared / num_tasks + per_task
-    return {
-        "total": total, "frozen": frozen, "trainable": total - frozen, "shared_trainable": shared,
-        "per_task": per_task, "other_trainable": other, "base_parameters": base, "num_tasks": num_tasks,
-        "percent_per_task": 100.0 * per_task / max(base, 1),
-        "amortized_per_task": amortized, "percent_amortized_per_task": 100.0 * amortized / max(base, 1),
-        "layers": {name: layer_info(layer) for name, layer in layers},
-    }
-
-
-def print_parameter_report(model: nn.Module) -> None:
-    """Print the report in the style of PEFT's print_trainable_parameters."""
-    r = parameter_report(model)
-    print(f"trainable params: {r['trainable']:,} || all params: {r['total']:,} || "
-          f"trainable%: {100.0 * r['trainable'] / max(r['total'], 1):.4f}")
-    print(f"shared (A, B, trainable biases): {r['shared_trainable']:,} || per task (C rows): {r['per_task']:,} "
-          f"x {r['num_tasks']} tasks || other trainable (heads): {r['other_trainable']:,} || "
-          f"{len(r['layers'])} converted layers")
-    print(f"per task: {r['per_task']:,} = {r['percent_per_task']:.4f}% of the {r['base_parameters']:,}-parameter "
-          f"base model || amortized (shared / tasks + per task): {r['amortized_per_task']:,.0f} = "
-          f"{r['percent_amortized_per_task']:.4f}%")

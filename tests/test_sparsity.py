@@ -295,3 +295,27 @@ def test_bad_input_errors():
         sparsity.penalty({"layer": {"A": torch.ones(2, 1)}})
     with pytest.raises(ValueError, match="ranks differ"):
         sparsity.prune_factors({"l": {"A": torch.ones(3, 2), "B": torch.ones(4, 1), "C": torch.ones(2, 2)}})
+
+
+# --------------------------------------------------------------------------------------------
+# NaN is never hidden (issue 11, item 10)
+# --------------------------------------------------------------------------------------------
+def test_prune_and_proximal_step_refuse_nan_components():
+    """A NaN component used to count as dead (NaN > tol is False) and vanish, leaving clean factors."""
+    for poison in ("C", "A"):
+        model = random_model()
+        name, layer = list(cp_layers(model))[1]
+        with torch.no_grad():
+            getattr(layer, poison)[0, 2] = float("nan")
+        for call in (lambda: sparsity.prune(model), lambda: sparsity.proximal_step(model, 0.1),
+                     lambda: sparsity.prune_factors(sparsity.layer_factors(model))):
+            with pytest.raises(ValueError, match=rf"layer {name!r}: the norms of components \[2\] are NaN"):
+                call()
+        assert layer.rank == 5 and torch.isnan(getattr(layer, poison)[0, 2])  # nothing was changed
+    # An infinite component is not dead either: it stays (and its NaN-free norm says so).
+    model = random_model()
+    _, layer = list(cp_layers(model))[0]
+    with torch.no_grad():
+        layer.C[1, 3] = float("inf")
+    sparsity.prune(model)
+    assert layer.rank == 5
