@@ -26,7 +26,8 @@ from torch import nn
 from .config import CPConfig, model_config
 from .factors import layer_info, parameter_report, print_parameter_report  # noqa: F401 (re-exported)
 from .modules import ROUTES, FusedCPLinear
-from .reference import check_task_ids_dtype
+from .task_ids import check_dtype as check_task_ids_dtype
+from .task_ids import own as own_task_ids
 
 __all__ = ["convert", "cp_layers", "task_context", "checkpoint_context", "merge", "unmerge", "export",
            "parameter_report", "print_parameter_report", "HEAD_NAMES"]
@@ -239,12 +240,6 @@ def _task_index(model: nn.Module, task) -> int:
 # --------------------------------------------------------------------------------------------
 # Task routing
 # --------------------------------------------------------------------------------------------
-def _own(task_ids: torch.Tensor, device) -> torch.Tensor:
-    # A private copy on the layers' device: the caller may reuse or modify its tensor while the
-    # context (or a checkpointed backward) still needs the ids.
-    return task_ids.to(device, copy=True, non_blocking=True)
-
-
 @contextlib.contextmanager
 def task_context(model: nn.Module, task_ids):
     """Route every FusedCPLinear of `model` to `task_ids` inside the block, for the calling thread only.
@@ -279,7 +274,9 @@ def task_context(model: nn.Module, task_ids):
     for name, layer in layers:
         device = layer.weight.device
         if device not in on_device:
-            on_device[device] = _own(task_ids, device)
+            # A library-owned copy (task_ids.own): checked once here, so the ops skip the per-layer check,
+            # and safe from the caller reusing its tensor while a checkpointed backward needs the ids.
+            on_device[device] = own_task_ids(task_ids, device)
         routes[id(layer)] = on_device[device]
         layer.layer_name = layer.layer_name or name
     token = ROUTES.set(routes)
