@@ -62,3 +62,44 @@ def test_trainer_trains_task_ids_column_and_head(tmp_path):
     assert len(losses) == 12 and after < before - 0.05, (before, after, losses)
     assert not torch.equal(model.classifier.weight, head_before)  # the head trained
     assert all(not torch.equal(layer.C, factors_before[n]) for n, layer in cp_layers(model))
+
+
+def test_accelerate_prepare_keeps_the_task_ids_keyword():
+    accelerate = pytest.importorskip("accelerate")
+    model = convert(_bert(), CPConfig(rank=2, num_tasks=TASKS, modules_to_save=["classifier"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # bf16 autocast: accelerate wraps model.forward; the wrapper must still show (and take) task_ids.
+    # The accelerator state is a process-wide singleton (Trainer sets it too): start and end clean.
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+        model, opt = accelerator.prepare(model, opt)
+        assert "task_ids" in inspect.signature(model.forward).parameters
+        tokens = torch.randint(1, 64, (4, 8))
+        out = model(input_ids=tokens, task_ids=torch.tensor([0, 1, 2, 0]), labels=torch.tensor([0, 1, 0, 1]))
+        accelerator.backward(out.loss)
+    finally:
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    assert model.classifier.weight.grad is not None
+    assert all(layer.C.grad is not None and layer.C.grad.abs().sum() > 0 for _, layer in cp_layers(model))
+
+
+def test_hf_gradient_checkpointing_with_checkpoint_context():
+    # Trainer calls backward after forward returned, i.e. after the task_ids= call left its context:
+    # the recomputed forward needs context_fn=checkpoint_context to see the ids again.
+    from cpkernels import checkpoint_context
+
+    tokens, ids, labels = torch.randint(1, 64, (4, 8)), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 0, 1])
+    plain = convert(_bert(), CPConfig(rank=2, num_tasks=TASKS, init="lora")).train()
+    torch.manual_seed(1)  # the same dropout masks in both runs
+    plain(input_ids=tokens, task_ids=ids, labels=labels).loss.backward()
+    model = convert(_bert(), CPConfig(rank=2, num_tasks=TASKS, init="lora")).train()
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
+    torch.manual_seed(1)
+    model(input_ids=tokens, task_ids=ids, labels=labels).loss.backward()
+    for (name, got), (_, want) in zip(cp_layers(model), cp_layers(plain)):
+        torch.testing.assert_close(got.A.grad, want.A.grad, msg=name)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="got no task ids.*gradient checkpointing"):
+        model(input_ids=tokens, task_ids=ids, labels=labels).loss.backward()
