@@ -83,3 +83,16 @@ def test_gpt2_trains_in_mixed_batches(transformers):
 def test_from_conv1d_validates_its_input():
     with pytest.raises(TypeError, match="from_conv1d expects a transformers Conv1D"):
         FusedCPLinear.from_conv1d(nn.Linear(3, 4), 2, 2)
+
+
+def test_gpt2_generate_takes_task_ids(transformers):
+    # generate() checks its keyword arguments against inspect.signature(model.forward) and hands
+    # task_ids to every decoding step.
+    model = _randomize_factors(convert(_tiny_gpt2(transformers), rank=2, num_tasks=3)).eval()
+    tokens, ids = torch.randint(1, 100, (2, 5)), torch.tensor([2, 0])
+    kw = dict(attention_mask=torch.ones_like(tokens), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = model.generate(tokens, task_ids=ids, **kw)
+    with task_context(model, ids):
+        assert torch.equal(out, model.generate(tokens, **kw))
+    with task_context(model, torch.tensor([1, 1])):
+        assert not torch.equal(out, model.generate(tokens, **kw))
