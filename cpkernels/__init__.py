@@ -7,7 +7,7 @@ are imported as modules by users who need them.
 """
 from .adapters import export_lora, from_lora, from_pretrained, load_adapters, read_adapters, save_adapters
 from .config import CPConfig
-from .convert import convert, cp_layers, export, merge, task_context, unmerge
+from .convert import checkpoint_context, convert, cp_layers, export, merge, task_context, unmerge
 from .factors import LayerFactors, parameter_report, print_parameter_report
 from .modules import FusedCPLinear
 from .ops import BACKENDS, available_backends, cp_linear, explain_backend
@@ -21,6 +21,7 @@ __all__ = [
     "FusedCPLinear",
     "LayerFactors",
     "available_backends",
+    "checkpoint_context",
     "convert",
     "cp_layers",
     "cp_linear",
