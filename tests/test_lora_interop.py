@@ -129,3 +129,23 @@ def test_from_lora_refuses_what_it_cannot_hold(tmp_path):
         from_lora([plain], other)
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
         from_lora([tmp_path], copy.deepcopy(base))
+
+
+def test_gpt2_conv1d_both_ways(tmp_path):
+    """GPT-2 stores its Conv1D weights (in, out) (PEFT's fan_in_fan_out); LoRA weights do not care."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=61, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    base = transformers.GPT2Model(cfg).double().eval()
+    folders = [make_lora(base, tmp_path, f"t{i}", 20 + i, r=2, lora_alpha=3, target_modules=["c_attn", "c_proj"],
+                         fan_in_fan_out=True) for i in range(2)]
+    model = from_lora(folders, copy.deepcopy(base))
+    ids = inputs()
+    expected = [peft_out(base, f, ids) for f in folders]
+    task_ids = torch.tensor([1, 0, 0, 1, 1, 0])
+    mixed = ours(model, ids, task_ids)
+    for row, t in enumerate(task_ids.tolist()):
+        torch.testing.assert_close(mixed[row], expected[t][row], atol=ATOL, rtol=0)
+    back = export_lora(model, tmp_path / "back")
+    assert peft.LoraConfig.from_pretrained(str(back[0])).fan_in_fan_out
+    for folder, want in zip(back, expected):
+        torch.testing.assert_close(peft_out(base, folder, ids), want, atol=ATOL, rtol=0)
