@@ -29,7 +29,8 @@ def _model():
 
 def _batches():
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(WORLD * BATCH, 5, 10, generator=g), torch.randint(0, TASKS, (WORLD * BATCH,), generator=g),
+    # -1: rows without an adapter (base layer only) mixed into the batch.
+    return [(torch.randn(WORLD * BATCH, 5, 10, generator=g), torch.randint(-1, TASKS, (WORLD * BATCH,), generator=g),
              torch.randn(WORLD * BATCH, 5, 4, generator=g)) for _ in range(STEPS)]
 
 
