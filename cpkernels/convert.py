@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import CPConfig, model_config
 from .factors import layer_info, parameter_report, print_parameter_report  # noqa: F401 (re-exported)
-from .modules import ROUTES, FusedCPLinear
+from .modules import ROUTES, FusedCPLinear, refuse_other_tasks
 from .task_ids import check_dtype as check_task_ids_dtype
 from .task_ids import own as own_task_ids
 
@@ -267,8 +267,10 @@ def task_context(model: nn.Module, task_ids):
         raise TypeError(f"task_ids must be an int, a task name, a list of ints or names, or an integer tensor, "
                         f"got {type(task_ids).__name__}")
     check_task_ids_dtype(task_ids)
-    for _, layer in layers:  # once per context, not per layer call (it reads the ids on the host)
-        layer.check_merged_ids(task_ids)
+    # Merged layers accept their merged task only: checked here once per merged task (a host read),
+    # not in every layer call.
+    for task, name in {layer.merged_task: name for name, layer in layers if layer.merged_task is not None}.items():
+        refuse_other_tasks(task_ids, task, f"layer {name!r}")
     on_device = {}
     routes = dict(ROUTES.get() or {})  # the enclosing contexts' routes, for layers outside `model`
     for name, layer in layers:
@@ -320,14 +322,17 @@ class _RoutedForward:
     def __init__(self, module: nn.Module):
         self.module = module
         self.original = type(module).forward  # the class's function; bound to `module` at each call
+        self.__doc__ = self.original.__doc__
+        self.__name__ = "forward"
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # Computed when asked (not stored), so that pickling the model never pickles annotations.
         sig = inspect.signature(self.original)
         params = list(sig.parameters.values())
         at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
         params.insert(at, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
-        # Without `self`: this object is reached as model.forward, like a bound method.
-        self.__signature__ = sig.replace(parameters=params[1:])
-        self.__doc__ = self.original.__doc__
-        self.__name__ = "forward"
+        return sig.replace(parameters=params[1:])  # without `self`: this is reached as model.forward
 
     def __call__(self, *args, task_ids=None, **kwargs):
         if task_ids is None:

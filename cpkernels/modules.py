@@ -20,7 +20,7 @@ from torch import nn
 
 from .ops import cp_linear
 
-__all__ = ["FusedCPLinear", "INITS", "ROUTES"]
+__all__ = ["FusedCPLinear", "INITS", "ROUTES", "refuse_other_tasks"]
 
 #: The task ids of the innermost `task_context` of this thread / asyncio task: {id(layer): ids already
 #: on that layer's device}, or None outside every context. Keyed by id() because the layers are alive
@@ -36,6 +36,21 @@ _NO_IDS = ("pass task_ids= to this layer (or to the converted model's forward), 
 #: step one, dA and dB follow from step two). "lora": A = 0, B random, C = 1 (PEFT's LoRA start:
 #: dA ≠ 0 at step one; dB and dC follow).
 INITS = ("cp", "lora")
+
+
+def refuse_other_tasks(task_ids, merged_task: int, where: str) -> None:
+    """Raise when `task_ids` (an int or a tensor; None passes) hold any task but `merged_task`: a layer
+    with that task merged into its weight would silently give them the merged task's output."""
+    if task_ids is None:
+        return
+    if isinstance(task_ids, torch.Tensor):
+        others = task_ids[task_ids != merged_task]
+        other = int(others[0]) if others.numel() else None
+    else:
+        other = None if task_ids == merged_task else task_ids
+    if other is not None:
+        raise ValueError(f"{where} holds merged task {merged_task} in its weight and cannot run task {other}; "
+                         f"call cpkernels.unmerge(model) to serve other tasks")
 
 
 class FusedCPLinear(nn.Module):
@@ -313,7 +328,7 @@ class FusedCPLinear(nn.Module):
             # but ids for another task must not silently get this one. Context ids were checked once
             # when the context was entered; ids passed here are checked now.
             if explicit:
-                self.check_merged_ids(task_ids)
+                refuse_other_tasks(task_ids, self.merged_task, self._where())
             return nn.functional.linear(x, self.w0, self.bias)
         if task_ids is None:
             raise ValueError(f"{self._where()} got no task ids: {_NO_IDS}")
@@ -325,19 +340,6 @@ class FusedCPLinear(nn.Module):
                 f"ids of shape {tuple(task_ids.shape)}; use per-sample ids (batch,) or leave this layer out "
                 f"of the conversion (exclude=...)")
         return cp_linear(x, self.w0, self.bias, self.A, self.B, self.C, task_ids, self.scale)
-
-    def check_merged_ids(self, task_ids) -> None:
-        """Refuse ids other than the merged task (they would silently get the merged task's output)."""
-        if self.merged_task is None or task_ids is None:
-            return
-        if isinstance(task_ids, torch.Tensor):
-            others = task_ids[task_ids != self.merged_task] if task_ids.numel() else task_ids
-            other = int(others.reshape(-1)[0]) if others.numel() else None
-        else:
-            other = None if task_ids == self.merged_task else task_ids
-        if other is not None:
-            raise ValueError(f"{self._where()} holds merged task {self.merged_task} in its weight and cannot run "
-                             f"task {other}; call cpkernels.unmerge(model) to serve other tasks")
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

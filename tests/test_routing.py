@@ -140,3 +140,22 @@ def test_checkpoint_context_recomputes_with_the_forward_ids():
         out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
     with pytest.raises(ValueError, match="gradient checkpointing"):
         out.sum().backward()
+
+
+def test_deepcopy_routes_the_copy_and_pickle_round_trips(tmp_path):
+    import copy
+    import inspect
+
+    model = _model()
+    x, ids = torch.randn(3, 24), torch.tensor([2, 0, 3])
+    with torch.no_grad():
+        expected = model(x, task_ids=ids)
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            clone[0].C.add_(1.0)  # a copy that is really another model
+        assert not torch.equal(clone(x, task_ids=ids), expected)  # routes itself, not the original
+        assert torch.equal(model(x, task_ids=ids), expected)
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        assert torch.equal(loaded(x, task_ids=ids), expected)
+    assert "task_ids" in inspect.signature(loaded.forward).parameters
