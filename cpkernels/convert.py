@@ -255,8 +255,9 @@ def task_context(model: nn.Module, task_ids):
     threads (or asyncio tasks) running one model in their own contexts each get their own ids;
     contexts nest, and when the block exits the previous routing is back (outside every context a
     layer raises "got no task ids"). A merged model (`merge`) accepts only its merged task.
-    With gradient checkpointing the backward pass re-runs forwards, so call ``loss.backward()``
-    inside the block (or pass ``context_fn=cpkernels.checkpoint_context`` to the checkpoint).
+    With gradient checkpointing the backward pass re-runs forwards: pass
+    ``context_fn=cpkernels.checkpoint_context`` to the checkpoint (calling ``loss.backward()`` inside the
+    block is enough on the CPU only; on CUDA, autograd's device threads do not see this context).
     """
     layers = _layers_or_raise(model)
     if isinstance(task_ids, (str, int)):

@@ -29,8 +29,8 @@ __all__ = ["FusedCPLinear", "INITS", "ROUTES", "refuse_other_tasks"]
 ROUTES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cpkernels_task_routes", default=None)
 
 _NO_IDS = ("pass task_ids= to this layer (or to the converted model's forward), or run the model inside "
-           "`with cpkernels.task_context(model, task_ids):` (with gradient checkpointing, call backward inside "
-           "that block too: the recomputed forward needs the ids)")
+           "`with cpkernels.task_context(model, task_ids):` (with gradient checkpointing, the recomputed forward "
+           "needs the ids too: pass context_fn=cpkernels.checkpoint_context to the checkpoint)")
 
 #: Factor initialisations. "cp": A, B random, C = 0 (each task starts at the base model; dC ≠ 0 at
 #: step one, dA and dB follow from step two). "lora": A = 0, B random, C = 1 (PEFT's LoRA start:

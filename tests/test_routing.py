@@ -159,3 +159,40 @@ def test_deepcopy_routes_the_copy_and_pickle_round_trips(tmp_path):
         loaded = torch.load(tmp_path / "model.pt", weights_only=False)
         assert torch.equal(loaded(x, task_ids=ids), expected)
     assert "task_ids" in inspect.signature(loaded.forward).parameters
+
+
+def test_checkpoint_context_works_when_backward_runs_on_another_thread():
+    # On CUDA, autograd runs backward on its own device threads, which do not see the caller's
+    # ContextVar; the recompute must carry its ids itself. A plain thread stands in for one here.
+    model = _model()
+    x, ids = torch.randn(4, 24), torch.tensor([3, 1, 0, 2])
+    with task_context(model, ids):
+        (expected,) = torch.autograd.grad(model(x).sum(), model[0].C)
+        out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False, context_fn=checkpoint_context)
+        plain = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+        result, errors = {}, []
+
+        def backward():
+            try:
+                (result["got"],) = torch.autograd.grad(out.sum(), model[0].C)
+                torch.autograd.grad(plain.sum(), model[0].C)
+            except ValueError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=backward)
+        thread.start()
+        thread.join()
+    torch.testing.assert_close(result["got"], expected)
+    assert len(errors) == 1 and "got no task ids" in str(errors[0])  # without context_fn: no ids there
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_checkpoint_context_on_autograd_device_threads():
+    model = _model().cuda()
+    x, ids = torch.randn(4, 24, device="cuda"), torch.tensor([3, 1, 0, 2], device="cuda")
+    with task_context(model, ids):
+        (expected,) = torch.autograd.grad(model(x).sum(), model[0].C)
+        out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False, context_fn=checkpoint_context)
+    (got,) = torch.autograd.grad(out.sum(), model[0].C)
+    torch.testing.assert_close(got, expected)
