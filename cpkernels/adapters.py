@@ -537,8 +537,8 @@ def from_lora(folders, model: nn.Module, task_names=None) -> nn.Module:
     adapter t's scaling (lora_alpha / r) on its own block of components and 0 elsewhere (s = 1). A layer
     that some adapter does not touch gets no block for it. Task t then computes exactly adapter t, and
     one fused launch serves a batch mixing all of them (``task_ids`` per row). Task names default to
-    the folder names. Save the result with `save_adapters`; `cpkernels.sparsity.prune` drops
-    components that are exactly zero.
+    the folder names. Save the result with `save_adapters`. To trade exactness for fewer components,
+    `cpkernels.sparsity.compress(model, rank)` fits a smaller CP decomposition and reports its error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
