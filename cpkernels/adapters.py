@@ -375,8 +375,8 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
             for key, t in heads[head].items():
                 state[key].copy_(t)
     own = model_config(model)
-    if own is not None:
-        model.cpkernels_config = dataclasses.replace(own, task_names=list(cp.task_names))
+    if own is not None:  # the tasks and the scale are now the saved ones; how it was converted stays
+        model.cpkernels_config = dataclasses.replace(own, task_names=list(cp.task_names), scale=cp.scale)
     return model
 
 
@@ -418,6 +418,14 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def _folder_name(task_name: str) -> str:
+    # A task name becomes a directory: refuse ones that would land elsewhere ("../x", "a/b").
+    if not re.fullmatch(r"[\w.+-]+", task_name) or set(task_name) == {"."}:
+        raise ValueError(f"task name {task_name!r} cannot be a folder name; rename the task (CPConfig.task_names) "
+                         f"to letters, digits, '_', '-', '+' and '.'")
+    return task_name
+
+
 def export_lora(model: nn.Module, path, tasks=None) -> list[Path]:
     """Write one standard PEFT LoRA adapter folder per task under `path` (``path/<task name>/`` with
     adapter_config.json and adapter_model.safetensors); return the folders.
@@ -457,6 +465,7 @@ def export_lora(model: nn.Module, path, tasks=None) -> list[Path]:
     }
     folders = []
     root = Path(path)
+    names = {t: _folder_name(config.task_names[t]) for t in picked}  # all checked before anything is written
     for t in picked:
         tensors = {}
         for name, f in factors.items():
@@ -464,7 +473,7 @@ def export_lora(model: nn.Module, path, tasks=None) -> list[Path]:
             tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = f.A.detach().cpu().contiguous()
         for head, state in heads.items():
             tensors.update({f"{_PEFT_PREFIX}{head}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
-        folder = root / config.task_names[t]
+        folder = root / names[t]
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / PEFT_WEIGHTS_NAME, st.torch.save(tensors, metadata={"format": "pt"}))
         atomic_write(folder / PEFT_CONFIG_NAME, (json.dumps(peft_config, indent=2) + "\n").encode())
@@ -482,8 +491,9 @@ def _read_lora(folder) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor,
         raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: it needs {PEFT_CONFIG_NAME} and "
                                 f"{PEFT_WEIGHTS_NAME} (a .bin adapter: load and save it with PEFT first)")
     config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}; from_lora reads LORA adapters")
+    if config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int) or "lora_alpha" not in config:
+        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r} (r={config.get('r')!r}, "
+                         f"lora_alpha={config.get('lora_alpha')!r}); from_lora reads LORA adapters with r and lora_alpha")
     unsupported = [k for k in ("use_dora", "lora_bias", "use_qalora", "target_parameters", "layer_replication",
                                "trainable_token_indices", "modules_to_save") if config.get(k)]
     if config.get("bias", "none") != "none":
@@ -527,8 +537,8 @@ def from_lora(folders, model: nn.Module, task_names=None) -> nn.Module:
     adapter t's scaling (lora_alpha / r) on its own block of components and 0 elsewhere (s = 1). A layer
     that some adapter does not touch gets no block for it. Task t then computes exactly adapter t, and
     one fused launch serves a batch mixing all of them (``task_ids`` per row). Task names default to
-    the folder names. Save the result with `save_adapters`; `cpkernels.sparsity.prune` drops
-    components that are exactly zero.
+    the folder names. Save the result with `save_adapters`. To trade exactness for fewer components,
+    `cpkernels.sparsity.compress(model, rank)` fits a smaller CP decomposition and reports its error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -149,3 +149,21 @@ def test_gpt2_conv1d_both_ways(tmp_path):
     assert peft.LoraConfig.from_pretrained(str(back[0])).fan_in_fan_out
     for folder, want in zip(back, expected):
         torch.testing.assert_close(peft_out(base, folder, ids), want, atol=ATOL, rtol=0)
+
+
+def test_export_lora_refusals(tmp_path):
+    torch.manual_seed(0)
+    model = convert(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)),
+                    CPConfig(rank=2, num_tasks=2, task_names=["ok", "../escape"]))
+    with pytest.raises(ValueError, match=r"task name '../escape' cannot be a folder name"):
+        export_lora(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    model[1].bias.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"layers \['1'\] train their bias"):
+        export_lora(model, tmp_path, tasks="ok")
+    model[1].bias.requires_grad_(False)
+    with pytest.raises(IndexError, match=r"task 2 is outside \[0, num_tasks=2\)"):
+        export_lora(model, tmp_path, tasks=[2])
+    cpkernels.merge(model, 0)
+    with pytest.raises(ValueError, match=r"before exporting LoRA adapters"):
+        export_lora(model, tmp_path)
