@@ -78,6 +78,9 @@ class FusedCPLinear(nn.Module):
     bfloat16 model, like PEFT's autocast_adapter_dtype); the op computes in the input's dtype.
     """
 
+    #: A class default, so that layers pickled before the Conv1D support still load.
+    fan_in_fan_out: bool = False
+
     def __init__(self, in_features: int, out_features: int, rank: int, num_tasks: int, bias: bool = True,
                  scale: float = 1.0, device=None, dtype=None, init: str = "cp", factor_dtype=None,
                  fan_in_fan_out: bool = False):
