@@ -196,3 +196,26 @@ def test_gpu_checkpoint_context_on_autograd_device_threads():
         out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False, context_fn=checkpoint_context)
     (got,) = torch.autograd.grad(out.sum(), model[0].C)
     torch.testing.assert_close(got, expected)
+
+
+def test_asyncio_tasks_interleaving_keep_their_own_ids():
+    # A ContextVar is private to each asyncio task too (thread-local state would not be): two requests
+    # served by one event loop, each yielding to the other inside its context.
+    import asyncio
+
+    model = _model()
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        expected = {t: model(x, task_ids=t) for t in (1, 2)}
+
+    async def request(task):
+        with torch.no_grad(), task_context(model, task):
+            await asyncio.sleep(0)  # the other request runs here, inside its own context
+            first = model(x)
+            await asyncio.sleep(0)
+            return torch.equal(first, expected[task]) and torch.equal(model(x), expected[task])
+
+    async def serve():
+        return await asyncio.gather(request(1), request(2), request(1))
+
+    assert asyncio.run(serve()) == [True, True, True]
