@@ -208,12 +208,16 @@ def test_asyncio_tasks_interleaving_keep_their_own_ids():
     with torch.no_grad():
         expected = {t: model(x, task_ids=t) for t in (1, 2)}
 
+    def run():
+        with torch.no_grad():  # grad mode is per thread, not per asyncio task: never held across an await
+            return model(x)
+
     async def request(task):
-        with torch.no_grad(), task_context(model, task):
+        with task_context(model, task):
             await asyncio.sleep(0)  # the other request runs here, inside its own context
-            first = model(x)
+            first = run()
             await asyncio.sleep(0)
-            return torch.equal(first, expected[task]) and torch.equal(model(x), expected[task])
+            return torch.equal(first, expected[task]) and torch.equal(run(), expected[task])
 
     async def serve():
         return await asyncio.gather(request(1), request(2), request(1))
