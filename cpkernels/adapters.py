@@ -1,30 +1,52 @@
-"""Save and load the CP factors of a converted model: `adapters.safetensors` + `adapter_config.json`.
+"""Save and load adapters: the CP factors of a converted model, its heads and its `CPConfig`.
 
-The directory holds, per converted layer, the tensors ``<layer>.A``, ``<layer>.B``, ``<layer>.C``
-(only the saved tasks' rows of C) and ``<layer>.bias`` when that bias was trained. The config is
-written twice: embedded in the safetensors header (the copy that `read_adapters` trusts, so that
-tensors and config can never come from two different saves) and as a readable adapter_config.json.
-Each file is written atomically: to a temporary file in the same directory, fsync'ed, then
-renamed over the old one with os.replace.
+    cpkernels.save_adapters(model, "out/adapters")                      # factors + heads + config
+    model = cpkernels.from_pretrained(AutoModel.from_pretrained(base), "out/adapters")   # no convert needed
+
+An adapter directory holds two files:
+
+* ``adapters.safetensors``: per converted layer the tensors ``<layer>.A``, ``<layer>.B``, ``<layer>.C``
+  (only the saved tasks' rows of C) and ``<layer>.bias`` when that bias was trained; per module of
+  ``modules_to_save`` (task heads) its state_dict under ``modules_to_save.<module>.<key>``. The
+  config is embedded in the header, so tensors and config can never come from two different saves.
+* ``cpkernels_config.json``: the same config, readable. When both exist they must agree.
+
+The directory is self-describing: `from_pretrained` (or `load_adapters` on a plain model) rebuilds
+the converted layers from it. The config file is not named adapter_config.json on purpose: that is
+PEFT's name, and `peft.PeftModel.from_pretrained` then failed with ``KeyError: 'peft_type'``; now it
+says "Can't find 'adapter_config.json'". Directories written by cpkernels 0.1 (format 1, with our
+config in adapter_config.json) are still read. For PEFT itself, write LoRA folders with `export_lora`.
+
+Each file is written atomically (`cpkernels.io.atomic_write`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import uuid
+import math
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .convert import _task_index, _unmerged_layers_or_raise, layer_info, parameter_report
+from .config import CPConfig, model_config
+from .convert import convert
+from .factors import LayerFactors, converted_layers, layer_info, model_factors, parameter_report
+from .io import atomic_write  # re-exported: cpkernels.train imports it from here
+from .modules import FusedCPLinear
 
-__all__ = ["save_adapters", "load_adapters", "read_adapters", "atomic_write", "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_adapters", "load_adapters", "from_pretrained", "read_adapters", "atomic_write", "export_lora",
+           "from_lora", "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CPConfig fields (exclude, modules_to_save), heads, cpkernels_config.json
 WEIGHTS_NAME = "adapters.safetensors"
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = "cpkernels_config.json"
+_OLD_CONFIG_NAME = "adapter_config.json"  # format 1 wrote its config under PEFT's file name
 _HEADER_KEY = "cpkernels_adapter_config"
+_HEADS_PREFIX = "modules_to_save."
+_FILE_KEYS = {"format_version", "tasks", "base_parameters", "layers", "heads"}
+_LAYER_KEYS = {"in_features", "out_features", "rank", "bias", "scale", "trained_bias"}
 
 
 def _safetensors():
@@ -35,175 +57,533 @@ def _safetensors():
     return safetensors
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a mix.
-
-    Temp file in the same directory, fsync, os.replace, then fsync of the directory. The files a crash
-    must not corrupt go through here: adapters, heads, the trainer's checkpoint state, results and figures.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # Make the rename itself durable (POSIX; Windows cannot open directories).
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _config_of(model: nn.Module, layers) -> CPConfig:
+    """The model's CPConfig; for layers built by hand (no convert), one that rebuilds exactly them."""
+    config = model_config(model)
+    if config is not None:
+        return config
+    num_tasks = layers[0][1].num_tasks
+    # An exact-name regex, so that from_pretrained converts these layers and no other.
+    return CPConfig(rank=max(1, max(m.rank for _, m in layers)), num_tasks=num_tasks, scale=layers[0][1].scale,
+                    target_modules="|".join(re.escape(n) for n, _ in layers))
 
 
-def _selected_tasks(model, tasks, num_tasks: int) -> list[int]:
-    if tasks is None:
-        return list(range(num_tasks))
-    if isinstance(tasks, (int, str)):
-        tasks = [tasks]
-    picked = [_task_index(model, t) for t in tasks]
-    bad = [t for t in picked if not 0 <= t < num_tasks]
-    if bad or not picked or len(set(picked)) != len(picked):
-        raise ValueError(f"tasks must be distinct task indices in [0, num_tasks={num_tasks}) or task names, "
-                         f"got {list(tasks)!r}")
-    return picked
+def _suffix_match(name: str, keys) -> bool:
+    return any(name == k or name.endswith("." + k) for k in keys)
 
 
+def _heads(model: nn.Module, config: CPConfig) -> dict[str, nn.Module]:
+    """{qualified name: module} for `config.modules_to_save`; an entry matching nothing is refused."""
+    if not config.modules_to_save:
+        return {}
+    heads = {n: m for n, m in model.named_modules() if n and _suffix_match(n, config.modules_to_save)}
+    unused = [k for k in config.modules_to_save if not any(_suffix_match(n, [k]) for n in heads)]
+    if unused:
+        raise ValueError(f"modules_to_save entries {unused} match no module of {type(model).__name__}")
+    for name, module in heads.items():
+        if any(isinstance(m, FusedCPLinear) for m in module.modules()):
+            raise ValueError(f"module {name!r} is in modules_to_save but holds converted layers; a head trains in "
+                             f"full, so leave it out of target_modules")
+    return heads
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
 def save_adapters(model: nn.Module, path, tasks=None) -> None:
-    """Write the CP factors of `model` to the directory `path` (created if needed).
+    """Write the CP factors, the heads (`CPConfig.modules_to_save`) and the config of `model` to the
+    directory `path` (created if needed).
 
     `tasks` (indices or names) saves only those rows of C; A and B are always saved whole since
-    every task needs them. Trained biases of converted layers are saved; other trainable
-    parameters (task heads) are not: save them with the rest of your training state.
+    every task needs them. Trained biases of converted layers are saved too.
     """
     st = _safetensors()
-    layers = _unmerged_layers_or_raise(model, "saving adapters")
+    layers = converted_layers(model, refuse_merged="saving adapters")
     num_tasks = layers[0][1].num_tasks
     if any(layer.num_tasks != num_tasks for _, layer in layers):
         raise ValueError("the model's FusedCPLinear layers disagree on num_tasks; cannot save one adapter set")
-    picked = _selected_tasks(model, tasks, num_tasks)
-    base = getattr(model, "cpkernels_config", {})
-    tensors, layer_cfg = {}, {}
+    config = _config_of(model, layers)
+    if tasks is None:
+        picked = list(range(num_tasks))
+    else:
+        items = [tasks] if isinstance(tasks, (int, str)) else list(tasks)
+        try:
+            picked = [config.task_index(t) for t in items]
+        except (IndexError, ValueError, TypeError) as exc:
+            raise ValueError(f"tasks must be distinct task indices in [0, num_tasks={num_tasks}) or task names, "
+                             f"got {items!r}: {exc}") from None
+        if not picked or len(set(picked)) != len(picked):
+            raise ValueError(f"tasks must be distinct task indices in [0, num_tasks={num_tasks}) or task names, "
+                             f"got {items!r}")
     index = torch.tensor(picked, dtype=torch.long)
-    for name, layer in layers:
-        tensors[f"{name}.A"] = layer.A.detach().cpu().contiguous()
-        tensors[f"{name}.B"] = layer.B.detach().cpu().contiguous()
-        tensors[f"{name}.C"] = layer.C.detach().cpu()[index].contiguous()
-        trained_bias = layer.bias is not None and layer.bias.requires_grad
-        if trained_bias:
-            tensors[f"{name}.bias"] = layer.bias.detach().cpu().contiguous()
-        layer_cfg[name] = {**layer_info(layer), "trained_bias": trained_bias}
-    config = {
-        "format_version": FORMAT_VERSION,
-        "num_tasks": num_tasks,
-        "task_names": base.get("task_names", [f"task{i}" for i in range(num_tasks)]),
-        "tasks": picked,
-        "rank": base.get("rank", max(info["rank"] for info in layer_cfg.values())),
-        "target_modules": base.get("target_modules"),
-        "scale": base.get("scale", layers[0][1].scale),
-        "init": base.get("init"),
-        "base_parameters": parameter_report(model)["base_parameters"],
-        "layers": layer_cfg,
-    }
-    text = json.dumps(config, indent=2)
+    tensors, layer_cfg = {}, {}
+    for name, f in model_factors(model).items():
+        tensors[f"{name}.A"] = f.A.detach().cpu().contiguous()
+        tensors[f"{name}.B"] = f.B.detach().cpu().contiguous()
+        tensors[f"{name}.C"] = f.C.detach().cpu()[index].contiguous()
+        if f.bias is not None:
+            tensors[f"{name}.bias"] = f.bias.detach().cpu().contiguous()
+        layer_cfg[name] = {**layer_info(dict(layers)[name]), "trained_bias": f.bias is not None}
+    heads = {}
+    for head_name, module in _heads(model, config).items():
+        state = module.state_dict()
+        heads[head_name] = sorted(state)
+        for key, t in state.items():
+            full = f"{_HEADS_PREFIX}{head_name}.{key}"
+            if full in tensors:
+                raise ValueError(f"the tensor name {full!r} of head {head_name!r} clashes with a converted layer's")
+            tensors[full] = t.detach().cpu().contiguous()
+    text = json.dumps({"format_version": FORMAT_VERSION, **config.to_dict(), "tasks": picked,
+                       "base_parameters": parameter_report(model)["base_parameters"], "layers": layer_cfg,
+                       "heads": heads}, indent=2)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, st.torch.save(tensors, metadata={_HEADER_KEY: text}))
     atomic_write(directory / CONFIG_NAME, (text + "\n").encode())
 
 
-def read_adapters(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(config, {layer name: {"A", "B", "C"[, "bias"]}}) from an adapter directory (or its .safetensors
-    file), on the CPU, without a model. C holds the rows of ``config["tasks"]``."""
+# --------------------------------------------------------------------------------------------
+# Read (no model needed)
+# --------------------------------------------------------------------------------------------
+def _validated(config, file) -> tuple[dict, CPConfig]:
+    """Check a saved config (either format) and return it, with its CPConfig."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: the adapter config is not a json object")
+    version = config.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise ValueError(f"{file} has adapter format_version {version!r}; this cpkernels reads 1 and {FORMAT_VERSION}")
+    fields = {f.name for f in dataclasses.fields(CPConfig)}
+    if version == 1:  # format 1 wrote None where the model had no config, and had no heads
+        config = {**config, "heads": {}, "target_modules": config.get("target_modules") or "all-linear",
+                  "init": config.get("init") or "cp"}
+    unknown = sorted(set(config) - fields - _FILE_KEYS)
+    if unknown:
+        raise ValueError(f"{file}: unknown adapter config keys {unknown}")
+    try:
+        cp = CPConfig.from_dict({k: v for k, v in config.items() if k in fields})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{file}: bad adapter config: {exc}") from None
+    tasks = config.get("tasks")
+    if (not isinstance(tasks, list) or not tasks or len(set(tasks)) != len(tasks)
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < cp.num_tasks for t in tasks)):
+        # A negative index would silently load into row T-1 (Python indexing): refuse it.
+        raise ValueError(f"{file}: config 'tasks' must be distinct indices in [0, num_tasks={cp.num_tasks}), "
+                         f"got {tasks!r}")
+    layers = config.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{file}: config 'layers' must name at least one layer, got {layers!r}")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or set(info) != _LAYER_KEYS:
+            raise ValueError(f"{file}: layer {name!r} needs exactly the keys {sorted(_LAYER_KEYS)}, got {info!r}")
+    if not isinstance(config.get("heads"), dict):
+        raise ValueError(f"{file}: config 'heads' must be a {{module: [keys]}} object")
+    return config, cp
+
+
+def _read(path) -> tuple[dict, CPConfig, dict[str, LayerFactors], dict[str, dict[str, torch.Tensor]]]:
     st = _safetensors()
     path = Path(path)
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no adapter file at {file} (expected a directory written by save_adapters)")
+        hint = " (it looks like a PEFT adapter: load it with cpkernels.from_lora)" \
+            if (path / "adapter_model.safetensors").is_file() else ""
+        raise FileNotFoundError(f"no adapter file at {file} (expected a directory written by save_adapters){hint}")
     with st.safe_open(str(file), framework="pt", device="cpu") as f:
         header = (f.metadata() or {}).get(_HEADER_KEY)
         if header is None:
             raise ValueError(f"{file} is not a cpkernels adapter file (no {_HEADER_KEY!r} in its header)")
-        config = json.loads(header)
         tensors = {key: f.get_tensor(key) for key in f.keys()}
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{file} has adapter format_version {version!r}; this cpkernels reads {FORMAT_VERSION}")
+    try:
+        raw = json.loads(header)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: the config in its header is not valid json: {exc}") from None
+    # The json next to the weights is what people read and edit; if it says something else than
+    # the header (which the tensors were saved with), one of them is wrong: refuse, never ignore.
+    for name in (CONFIG_NAME, _OLD_CONFIG_NAME):
+        side = file.parent / name
+        if side.is_file():
+            try:
+                side_config = json.loads(side.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{side} is not valid json: {exc}") from None
+            if name == _OLD_CONFIG_NAME and "peft_type" in side_config:
+                continue  # a PEFT adapter next to ours, not our config
+            if side_config != raw:
+                diff = sorted(k for k in set(raw) | set(side_config) if raw.get(k) != side_config.get(k))
+                raise ValueError(f"{side} disagrees with the config embedded in {file.name} (keys {diff}); the "
+                                 f"directory mixes two saves or was edited by hand: save the adapters again")
+    config, cp = _validated(raw, file)
     factors = {}
     for name, info in config["layers"].items():
         parts = ("A", "B", "C") + (("bias",) if info["trained_bias"] else ())
         missing = [p for p in parts if f"{name}.{p}" not in tensors]
         if missing:
             raise ValueError(f"{file}: layer {name!r} lacks tensors {missing}; the file is damaged")
-        factors[name] = {p: tensors.pop(f"{name}.{p}") for p in parts}
-        r, want = info["rank"], {"A": (info["out_features"], info["rank"]), "B": (info["in_features"], info["rank"]),
-                                 "C": (len(config["tasks"]), info["rank"])}
-        if info["trained_bias"]:
-            want["bias"] = (info["out_features"],)  # else a damaged bias would broadcast silently on load
-        got = {p: tuple(factors[name][p].shape) for p in want}
+        t = {p: tensors.pop(f"{name}.{p}") for p in parts}
+        try:
+            f = LayerFactors(name, t["A"], t["B"], t["C"], info["scale"], t.get("bias"))
+        except ValueError as exc:
+            raise ValueError(f"{file}: {exc}") from None
+        want = (info["out_features"], info["in_features"], info["rank"], len(config["tasks"]))
+        got = (f.out_features, f.in_features, f.rank, f.num_tasks)
         if got != want:
-            raise ValueError(f"{file}: layer {name!r} has shapes {got} but its config says {want} (rank {r})")
+            raise ValueError(f"{file}: layer {name!r} has (out, in, rank, saved tasks) = {got} but its config says "
+                             f"{want}")
+        factors[name] = f
+    heads = {}
+    for head, keys in config["heads"].items():
+        missing = [k for k in keys if f"{_HEADS_PREFIX}{head}.{k}" not in tensors]
+        if missing:
+            raise ValueError(f"{file}: head {head!r} lacks tensors {missing}; the file is damaged")
+        heads[head] = {k: tensors.pop(f"{_HEADS_PREFIX}{head}.{k}") for k in keys}
     if tensors:
         raise ValueError(f"{file}: tensors {sorted(tensors)[:5]} belong to no layer of the config; the file is damaged")
+    return config, cp, factors, heads
+
+
+def read_adapters(path) -> tuple[dict, dict[str, LayerFactors]]:
+    """(config, {layer name: LayerFactors}) from an adapter directory (or its .safetensors file), on the
+    CPU, without a model. C holds the rows of ``config["tasks"]``; each layer carries its saved scale.
+    The config is the saved json object (the CPConfig fields plus tasks, base_parameters, layers, heads)."""
+    config, _, factors, _ = _read(path)
     return config, factors
 
 
-def _check_compatible(model_layers: dict, config: dict, factors: dict, source) -> None:
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+def _check_layers(model: nn.Module, model_layers: dict, config: dict, factors: dict, source) -> None:
     """Raise a ValueError naming the layer and the shapes for every way the adapters cannot fit."""
     missing = [n for n in model_layers if n not in factors]
     extra = [n for n in factors if n not in model_layers]
     if missing or extra:
         raise ValueError(f"{source} does not match the model's converted layers: model layers without an adapter "
                          f"{missing[:8]}, adapters for layers the model lacks {extra[:8]}")
+    own = model_config(model)
+    model_rank = own.rank if own is not None else max(m.rank for m in model_layers.values())
     for name, layer in model_layers.items():
-        info = config["layers"][name]
-        if (layer.out_features, layer.in_features) != (info["out_features"], info["in_features"]):
+        f = factors[name]
+        if (layer.out_features, layer.in_features) != (f.out_features, f.in_features):
             raise ValueError(f"layer {name!r}: the model has (out_features, in_features) = "
                              f"{(layer.out_features, layer.in_features)} but {source} has "
-                             f"{(info['out_features'], info['in_features'])}")
+                             f"{(f.out_features, f.in_features)}")
         if layer.num_tasks != config["num_tasks"]:
             raise ValueError(f"layer {name!r} has num_tasks={layer.num_tasks} (C is {tuple(layer.C.shape)}) but "
                              f"{source} was saved with num_tasks={config['num_tasks']}; convert the model with "
                              f"num_tasks={config['num_tasks']}")
-        if info["trained_bias"] and layer.bias is None:
+        # Ranks may differ per layer only by pruning within one conversion rank: a rank-8 model must
+        # not silently become rank 4 because someone loaded the wrong adapters.
+        if f.rank != layer.rank and config["rank"] != model_rank:
+            raise ValueError(f"layer {name!r} has rank {layer.rank} (the model was converted with rank={model_rank}) "
+                             f"but {source} holds rank {f.rank} (saved from a rank={config['rank']} conversion); "
+                             f"convert with rank={config['rank']}, or call cpkernels.from_pretrained on the "
+                             f"unconverted model")
+        if f.bias is not None and layer.bias is None:
             raise ValueError(f"layer {name!r} has no bias but {source} holds a trained bias of shape "
-                             f"{tuple(factors[name]['bias'].shape)}")
+                             f"{tuple(f.bias.shape)}")
 
 
-def load_adapters(model: nn.Module, path) -> None:
-    """Load factors saved by `save_adapters` into the converted `model`, in place.
+def _check_heads(model: nn.Module, heads: dict, source) -> dict[str, dict[str, torch.Tensor]]:
+    """{head: its state_dict} of the model, checked against the saved heads (names, keys, shapes)."""
+    targets = {}
+    for head, saved in heads.items():
+        try:
+            module = model.get_submodule(head)
+        except AttributeError:
+            raise ValueError(f"{source} holds head {head!r} (modules_to_save) but the model has no such module") \
+                from None
+        state = module.state_dict()
+        if set(state) != set(saved):
+            raise ValueError(f"head {head!r}: the model's module has tensors {sorted(state)} but {source} has "
+                             f"{sorted(saved)}")
+        for key, t in saved.items():
+            if state[key].shape != t.shape:
+                raise ValueError(f"head {head!r}: {key} is {tuple(state[key].shape)} in the model but "
+                                 f"{tuple(t.shape)} in {source}")
+        targets[head] = state
+    return targets
 
-    Layer names, (out, in) features and num_tasks must match; ranks may differ per layer (after
-    pruning), in which case the layer gets new factor Parameters through `set_factors` (rebuild the
-    optimizer). Each layer's scale is set to the saved one. When only some tasks were saved, the
-    other tasks' rows of C are kept if the saved A and B equal the model's (adapters split from one
-    training run), and zeroed otherwise: those rows mean nothing with other shared factors.
-    Nothing is modified unless every layer fits.
+
+def _check_plain(model: nn.Module, config: dict, factors: dict, heads: dict, source) -> None:
+    """Before converting a plain model: every saved layer exists as a Linear of the saved shape."""
+    for name, f in factors.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{source} holds layer {name!r} but the model has no such module") from None
+        shape = _linear_shape(module)
+        if shape != (f.out_features, f.in_features):
+            raise ValueError(f"layer {name!r}: {source} holds an adapter for a Linear of (out, in) = "
+                             f"{(f.out_features, f.in_features)}, the model has a {type(module).__name__} "
+                             f"{shape or ''}")
+        if f.bias is not None and module.bias is None:
+            raise ValueError(f"layer {name!r} has no bias but {source} holds a trained bias")
+    _check_heads(model, heads, source)
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of an nn.Linear or a GPT-2 Conv1D (weight stored (in, out)); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return tuple(module.weight.shape[::-1])
+    return None
+
+
+def load_adapters(model: nn.Module, path) -> nn.Module:
+    """Load what `save_adapters` wrote into `model`, in place; return `model`.
+
+    A plain (unconverted) model is converted first with the saved `CPConfig`, as `from_pretrained` does.
+    A converted model must match: layer names, (out, in) features, num_tasks, and the rank (per layer
+    ranks may differ only after pruning within one conversion rank; the layer then gets new factor
+    Parameters through `set_factors`: rebuild the optimizer). Each layer's scale is set to the saved one,
+    the heads (``modules_to_save``) are loaded, and the saved task names become the model's. When only
+    some tasks were saved, the other tasks' rows of C are kept if the saved A and B equal the model's
+    (adapters split from one training run), and zeroed otherwise: those rows mean nothing with other
+    shared factors. Nothing is modified unless everything fits (a plain model is checked before it is
+    converted).
     """
-    config, factors = read_adapters(path)
-    model_layers = dict(_unmerged_layers_or_raise(model, "loading adapters"))
-    _check_compatible(model_layers, config, factors, f"the adapters at {path}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config, cp, factors, heads = _read(path)
+    source = f"the adapters at {path}"
+    if not any(isinstance(m, FusedCPLinear) for m in model.modules()):
+        _check_plain(model, config, factors, heads, source)
+        convert(model, cp)
+    model_layers = dict(converted_layers(model, refuse_merged="loading adapters"))
+    _check_layers(model, model_layers, config, factors, source)
+    head_states = _check_heads(model, heads, source)
     tasks = torch.tensor(config["tasks"], dtype=torch.long)
     with torch.no_grad():
         for name, layer in model_layers.items():
             f = factors[name]
-            A, B = f["A"].to(layer.A), f["B"].to(layer.B)
+            A, B = f.A.to(layer.A), f.B.to(layer.B)
             same_rank = A.shape[1] == layer.rank
             keep = same_rank and torch.equal(A, layer.A) and torch.equal(B, layer.B)
             C = layer.C.detach().clone() if keep else layer.C.new_zeros(layer.num_tasks, A.shape[1])
-            C[tasks.to(C.device)] = f["C"].to(C)
+            C[tasks.to(C.device)] = f.C.to(C)
             if same_rank:  # in place: the Parameters (and an optimizer holding them) stay valid
                 layer.A.copy_(A)
                 layer.B.copy_(B)
                 layer.C.copy_(C)
             else:
                 layer.set_factors(A, B, C)
-            layer.scale = float(config["layers"][name]["scale"])
-            if "bias" in f:
-                layer.bias.copy_(f["bias"])
-    if isinstance(getattr(model, "cpkernels_config", None), dict):
-        model.cpkernels_config["task_names"] = list(config["task_names"])
+            layer.scale = f.scale
+            if f.bias is not None:
+                layer.bias.copy_(f.bias)
+        for head, state in head_states.items():
+            for key, t in heads[head].items():
+                state[key].copy_(t)
+    own = model_config(model)
+    if own is not None:  # the tasks and the scale are now the saved ones; how it was converted stays
+        model.cpkernels_config = dataclasses.replace(own, task_names=list(cp.task_names), scale=cp.scale)
+    return model
+
+
+def from_pretrained(model: nn.Module, path) -> nn.Module:
+    """`model` with the adapters of `path`: converted with the saved `CPConfig` if it is plain, then
+    loaded (factors, scales, heads, task names) as `load_adapters` does; returns `model`.
+
+    The way back from ``transformers``' ``save_pretrained``: it saves the base weights (and drops the
+    factors on load), so keep the adapters with `save_adapters` and load them onto the base::
+
+        model = cpkernels.from_pretrained(AutoModel.from_pretrained(base_dir), adapter_dir)
+    """
+    return load_adapters(model, path)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA interop (PEFT adapter folders)
+# --------------------------------------------------------------------------------------------
+# One CP layer holds T LoRA updates: ΔW_t = s·A·diag(c_t)·Bᵀ = (A)·(diag(s·c_t)·Bᵀ), i.e. PEFT's
+# lora_B·lora_A·scaling with lora_B = A (d_out × r), lora_A = diag(c_t)·Bᵀ (r × d_in) and
+# scaling = lora_alpha / r = s. The other way, T LoRA adapters side by side are one CP layer of rank
+# Σ r_t whose C holds each adapter's scaling on its own block of components and 0 elsewhere.
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."
+
+
+def _exact(name: str) -> str:
+    r"""A PEFT pattern key that matches the module `name` and nothing else. PEFT matches rank_pattern /
+    alpha_pattern keys with re.match(r"(.*\.)?(KEY)$"): the "^" stops "0" from also matching "x.0"."""
+    return "^" + re.escape(name)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching a dotted suffix of `name`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _folder_name(task_name: str) -> str:
+    # A task name becomes a directory: refuse ones that would land elsewhere ("../x", "a/b").
+    if not re.fullmatch(r"[\w.+-]+", task_name) or set(task_name) == {"."}:
+        raise ValueError(f"task name {task_name!r} cannot be a folder name; rename the task (CPConfig.task_names) "
+                         f"to letters, digits, '_', '-', '+' and '.'")
+    return task_name
+
+
+def export_lora(model: nn.Module, path, tasks=None) -> list[Path]:
+    """Write one standard PEFT LoRA adapter folder per task under `path` (``path/<task name>/`` with
+    adapter_config.json and adapter_model.safetensors); return the folders.
+
+    Each holds lora_A = diag(c_t)·Bᵀ, lora_B = A and lora_alpha = s·r per converted layer (rank_pattern
+    and alpha_pattern where layers differ, e.g. after pruning; layers pruned to rank 0 are left out),
+    plus the heads of ``modules_to_save``. ``peft.PeftModel.from_pretrained(base_model, folder)`` then
+    reproduces the task's output, as does any multi-LoRA server that reads PEFT folders. A trained bias
+    of a converted layer has no LoRA equivalent and is refused.
+    """
+    st = _safetensors()
+    layers = dict(converted_layers(model, refuse_merged="exporting LoRA adapters"))
+    config = _config_of(model, list(layers.items()))
+    picked = [config.task_index(t) for t in ([tasks] if isinstance(tasks, (int, str)) else tasks)] \
+        if tasks is not None else list(range(config.num_tasks))
+    factors = {n: f for n, f in model_factors(model).items() if f.rank > 0}
+    if not factors:
+        raise ValueError("every converted layer has rank 0 (all pruned): there is no update to export")
+    trained = [n for n, f in factors.items() if f.bias is not None]
+    if trained:
+        raise ValueError(f"layers {trained[:4]} train their bias, which a LoRA adapter cannot hold; export "
+                         f"cpkernels.export(model, task) for a plain model instead")
+    rank = max(f.rank for f in factors.values())
+    scale = next(iter(factors.values())).scale
+    heads = {n: m.state_dict() for n, m in _heads(model, config).items()}
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": rank, "lora_alpha": scale * rank, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True,
+        "target_modules": "|".join(re.escape(n) for n in factors),  # a regex: exactly these modules
+        "rank_pattern": {_exact(n): f.rank for n, f in factors.items() if f.rank != rank},
+        "alpha_pattern": {_exact(n): f.scale * f.rank for n, f in factors.items() if f.scale * f.rank != scale * rank},
+        # GPT-2's Conv1D stores its weight (in, out); PEFT needs to know to merge such layers.
+        "fan_in_fan_out": any(layers[n].fan_in_fan_out for n in factors),
+        "modules_to_save": sorted(heads) or None,
+    }
+    folders = []
+    root = Path(path)
+    names = {t: _folder_name(config.task_names[t]) for t in picked}  # all checked before anything is written
+    for t in picked:
+        tensors = {}
+        for name, f in factors.items():
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = (f.B.detach() * f.C.detach()[t]).T.cpu().contiguous()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = f.A.detach().cpu().contiguous()
+        for head, state in heads.items():
+            tensors.update({f"{_PEFT_PREFIX}{head}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
+        folder = root / names[t]
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / PEFT_WEIGHTS_NAME, st.torch.save(tensors, metadata={"format": "pt"}))
+        atomic_write(folder / PEFT_CONFIG_NAME, (json.dumps(peft_config, indent=2) + "\n").encode())
+        folders.append(folder)
+    return folders
+
+
+def _read_lora(folder) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+    """(folder name, {layer: (lora_A, lora_B, scaling)}) of one PEFT LoRA folder, refusing what a CP
+    layer cannot hold (DoRA, biases, embeddings, heads)."""
+    st = _safetensors()
+    folder = Path(folder)
+    config_file, weights_file = folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: it needs {PEFT_CONFIG_NAME} and "
+                                f"{PEFT_WEIGHTS_NAME} (a .bin adapter: load and save it with PEFT first)")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int) or "lora_alpha" not in config:
+        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r} (r={config.get('r')!r}, "
+                         f"lora_alpha={config.get('lora_alpha')!r}); from_lora reads LORA adapters with r and lora_alpha")
+    unsupported = [k for k in ("use_dora", "lora_bias", "use_qalora", "target_parameters", "layer_replication",
+                               "trainable_token_indices", "modules_to_save") if config.get(k)]
+    if config.get("bias", "none") != "none":
+        unsupported.append(f"bias={config['bias']!r}")
+    if unsupported:
+        raise ValueError(f"{config_file}: {unsupported} cannot become part of a shared CP layer (each task's "
+                         f"heads and biases would differ); only plain LoRA weights convert")
+    with st.safe_open(str(weights_file), framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    pairs = {}
+    for key in tensors:
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if match is None:
+            raise ValueError(f"{weights_file}: tensor {key!r} is not a LoRA lora_A/lora_B weight of a Linear layer")
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensors[key]
+    layers = {}
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{weights_file}: layer {name!r} has only lora_{''.join(pair)}")
+        lora_A, lora_B = pair["A"], pair["B"]
+        r = lora_A.shape[0]
+        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_B.shape[1] != r:
+            raise ValueError(f"{weights_file}: layer {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
+                             f"{tuple(lora_B.shape)}; expected (r, in) and (out, r)")
+        want_r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        if want_r != r:
+            raise ValueError(f"{config_file}: layer {name!r} has rank {r} in its weights but {want_r} in its config")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r  # PEFT's two rules
+        layers[name] = (lora_A, lora_B, float(scaling))
+    if not layers:
+        raise ValueError(f"{weights_file} holds no LoRA weights")
+    return folder.name, layers
+
+
+def from_lora(folders, model: nn.Module, task_names=None) -> nn.Module:
+    """Turn T PEFT LoRA adapters trained on one base model into one set of CP layers of `model` (the
+    plain base), in place, with no approximation; return `model`.
+
+    Each layer gets rank Σ_t r_t: A = [lora_B¹ … lora_Bᵀ], B = [lora_A¹ᵀ … lora_Aᵀᵀ], and C[t] holds
+    adapter t's scaling (lora_alpha / r) on its own block of components and 0 elsewhere (s = 1). A layer
+    that some adapter does not touch gets no block for it. Task t then computes exactly adapter t, and
+    one fused launch serves a batch mixing all of them (``task_ids`` per row). Task names default to
+    the folder names. Save the result with `save_adapters`. To trade exactness for fewer components,
+    `cpkernels.sparsity.compress(model, rank)` fits a smaller CP decomposition and reports its error.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, FusedCPLinear) for m in model.modules()):
+        raise ValueError("from_lora converts a plain base model; this one already has FusedCPLinear layers")
+    if isinstance(folders, (str, Path)):
+        folders = [folders]
+    adapters = [_read_lora(f) for f in folders]
+    if not adapters:
+        raise ValueError("from_lora needs at least one LoRA folder")
+    if task_names is None:
+        names = [name for name, _ in adapters]
+        task_names = names if len(set(names)) == len(names) else None
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    missing = sorted({n for _, layers in adapters for n in layers if n not in order})
+    if missing:
+        raise ValueError(f"the LoRA adapters name layers the model lacks: {missing[:8]}; from_lora needs the "
+                         f"base model they were trained on")
+    names = sorted({n for _, layers in adapters for n in layers}, key=order.__getitem__)
+    T = len(adapters)
+    factors = {}
+    for name in names:
+        blocks = [(t, layers[name]) for t, (_, layers) in enumerate(adapters) if name in layers]
+        A = torch.cat([lora_B for _, (_, lora_B, _) in blocks], dim=1)
+        B = torch.cat([lora_A.T for _, (lora_A, _, _) in blocks], dim=1)
+        C = torch.zeros(T, A.shape[1], dtype=A.dtype)
+        start = 0
+        for t, (lora_A, _, scaling) in blocks:
+            C[t, start:start + lora_A.shape[0]] = scaling
+            start += lora_A.shape[0]
+        try:
+            factors[name] = LayerFactors(name, A, B, C)
+        except ValueError as exc:  # adapters of one layer with different (in, out): not one base model
+            raise ValueError(f"the LoRA adapters disagree on layer {name!r}: {exc}") from None
+    source = f"the LoRA adapters {[str(f) for f in folders]}"
+    _check_plain(model, None, factors, {}, source)
+    config = CPConfig(rank=max(f.rank for f in factors.values()), num_tasks=T, task_names=task_names,
+                      target_modules="|".join(re.escape(n) for n in names), scale=1.0)
+    convert(model, config)
+    with torch.no_grad():
+        for name, layer in converted_layers(model):
+            f = factors[name]
+            if f.rank == layer.rank:
+                for p, v in ((layer.A, f.A), (layer.B, f.B), (layer.C, f.C)):
+                    p.copy_(v)
+            else:
+                layer.set_factors(f.A, f.B, f.C)
+    return model

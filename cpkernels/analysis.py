@@ -13,9 +13,10 @@ are larger weigh more. ``per_layer=True`` gives each layer's own T×T matrix.
 Everything is computed in float64 and returned on the CPU: the matrices are T×T, and the
 cosine of nearly orthogonal updates loses digits in low precision. A task whose update is zero
 has similarity 0 with every task, itself included (the cosine is undefined there; 0 says "no
-shared structure" and keeps NaN out of plots and tables).
+shared structure"). A task whose factors hold NaN gets NaN: a broken adapter never looks like
+an unrelated one.
 
-Accepts a converted model or the ``{layer: {"A", "B", "C"}}`` dict of
+Accepts a converted model, a saved-adapter directory, or the ``{layer: LayerFactors}`` of
 `cpkernels.adapters.read_adapters`, so saved adapters are analysed without the base model.
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import atomic_write
-from .sparsity import compression_report, layer_factors
+from .factors import LayerFactors, as_factors
+from .io import atomic_write
+from .sparsity import compression_report
 
 __all__ = ["task_gram", "task_similarity", "task_update_norms", "format_similarity_table",
            "plot_task_similarity", "plot_layer_ranks"]
@@ -36,10 +38,10 @@ __all__ = ["task_gram", "task_similarity", "task_update_norms", "format_similari
 # --------------------------------------------------------------------------------------------
 # Gram matrices, similarity, norms
 # --------------------------------------------------------------------------------------------
-def _layer_gram(f: dict) -> torch.Tensor:
-    A, B, C = (f[k].detach().double() for k in ("A", "B", "C"))
+def _layer_gram(f: LayerFactors) -> torch.Tensor:
+    A, B, C = (t.detach().double() for t in (f.A, f.B, f.C))
     G = (A.T @ A) * (B.T @ B)
-    return (f["scale"] ** 2) * (C @ G @ C.T)
+    return (f.scale ** 2) * (C @ G @ C.T)
 
 
 def task_gram(model_or_factors, per_layer: bool = False):
@@ -47,7 +49,7 @@ def task_gram(model_or_factors, per_layer: bool = False):
 
     With ``per_layer=True``, a dict ``{layer name: T×T}`` in model order.
     """
-    grams = {name: _layer_gram(f).cpu() for name, f in layer_factors(model_or_factors).items()}
+    grams = {name: _layer_gram(f).cpu() for name, f in as_factors(model_or_factors).items()}
     if per_layer:
         return grams
     return torch.stack(list(grams.values())).sum(0)
@@ -55,9 +57,11 @@ def task_gram(model_or_factors, per_layer: bool = False):
 
 def _cosine(gram: torch.Tensor) -> torch.Tensor:
     # Rounding can leave a tiny negative diagonal for a (near-)zero task; such a task counts as zero.
+    # NaN stays NaN (clamp_min, the division and clamp all propagate it): only an exact zero norm
+    # gives the documented 0, never a broken (NaN) factor.
     norms = gram.diagonal().clamp_min(0).sqrt()
     denom = norms[:, None] * norms[None, :]
-    sim = torch.where(denom > 0, gram / torch.where(denom > 0, denom, 1), 0)
+    sim = torch.where(denom == 0, 0, gram / torch.where(denom == 0, 1, denom))
     return sim.clamp(-1, 1)  # |cos| ≤ 1 exactly; rounding can overshoot by an ulp
 
 
@@ -65,7 +69,7 @@ def task_similarity(model_or_factors, per_layer: bool = False):
     """T×T cosine similarity of the task updates ΔW_t (float64, CPU); see the module docstring.
 
     Aggregated over layers by summing the inner products, or ``{layer name: T×T}`` with
-    ``per_layer=True``. Zero-norm tasks get similarity 0.
+    ``per_layer=True``. Zero-norm tasks get similarity 0; a task whose factors hold NaN gets NaN.
     """
     gram = task_gram(model_or_factors, per_layer)
     if per_layer:

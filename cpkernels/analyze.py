@@ -3,7 +3,7 @@
     python -m cpkernels.analyze ADAPTER_DIR [--out DIR] [--tol 1e-8]
 
 ADAPTER_DIR is a directory written by `cpkernels.save_adapters` (adapters.safetensors and
-adapter_config.json). The command prints each layer's stored rank and its live rank (components
+cpkernels_config.json). The command prints each layer's stored rank and its live rank (components
 whose norm exceeds --tol, i.e. what `cpkernels.sparsity.prune` would keep), the parameters per task
 and their percentage of the base model, the per-task update norms and the task-similarity table.
 With --out it also writes task_similarity.png, layer_ranks.png and report.json into DIR.
@@ -16,9 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from .adapters import atomic_write, read_adapters
+from .adapters import read_adapters
 from .analysis import format_similarity_table, plot_layer_ranks, plot_task_similarity, task_similarity, \
     task_update_norms
+from .io import atomic_write
 from .sparsity import prune_factors
 
 __all__ = ["main", "analyze"]
@@ -29,9 +30,8 @@ def analyze(adapter_dir, out=None, tol: float = 1e-8) -> dict:
 
     With `out`, writes task_similarity.png, layer_ranks.png and report.json there.
     """
+    # Each layer carries its own saved scale (they may differ); it weighs the layer in the summed similarity.
     config, factors = read_adapters(adapter_dir)
-    # Each layer's own scale (they may differ); it weighs the layer in the summed similarity.
-    factors = {name: {**f, "scale": float(config["layers"][name]["scale"])} for name, f in factors.items()}
     _, pruning = prune_factors(factors, tol, config["base_parameters"], config["num_tasks"])
     # C holds the rows of the saved tasks (all of them unless save_adapters(tasks=[...]) chose some).
     names = [config["task_names"][i] for i in config["tasks"]]
@@ -42,7 +42,7 @@ def analyze(adapter_dir, out=None, tol: float = 1e-8) -> dict:
         "task_names": names,
         "tol": tol,
         "compression": pruning,
-        "layer_shapes": {n: [f["B"].shape[0], f["A"].shape[0]] for n, f in factors.items()},
+        "layer_shapes": {n: [f.in_features, f.out_features] for n, f in factors.items()},
         "task_update_norms": dict(zip(names, norms.tolist())),
         "task_similarity": sim.tolist(),
     }

@@ -2,11 +2,17 @@
 
     y = x·W0ᵀ + b + s · ((x·B) ⊙ C[t]) · Aᵀ        A (out×r), B (in×r) shared; C (T×r), row t per task
 
-The module holds parameters and routes task ids; the math, validation and backend choice live in
+The module holds parameters and reads its task ids; the math, validation and backend choice live in
 `cpkernels.ops.cp_linear`.
+
+Task routing is per call, never state on a layer: `cpkernels.task_context` sets `ROUTES`, a
+`contextvars.ContextVar` mapping id(layer) -> ids, and each layer reads its entry at call time. A
+ContextVar is private to its thread (and asyncio task), so two threads serving one model with
+different tasks each see their own ids, and nothing is left set when a context exits.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -14,12 +20,37 @@ from torch import nn
 
 from .ops import cp_linear
 
-__all__ = ["FusedCPLinear", "INITS"]
+__all__ = ["FusedCPLinear", "INITS", "ROUTES", "refuse_other_tasks"]
+
+#: The task ids of the innermost `task_context` of this thread / asyncio task: {id(layer): ids already
+#: on that layer's device}, or None outside every context. Keyed by id() because the layers are alive
+#: for as long as the context that names them (task_context holds the model). torch.compile traces
+#: ContextVar.get (no graph break) and guards on the dict's keys, so new ids reuse the graph.
+ROUTES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cpkernels_task_routes", default=None)
+
+_NO_IDS = ("pass task_ids= to this layer (or to the converted model's forward), or run the model inside "
+           "`with cpkernels.task_context(model, task_ids):` (with gradient checkpointing, the recomputed forward "
+           "needs the ids too: pass context_fn=cpkernels.checkpoint_context to the checkpoint)")
 
 #: Factor initialisations. "cp": A, B random, C = 0 (each task starts at the base model; dC ≠ 0 at
 #: step one, dA and dB follow from step two). "lora": A = 0, B random, C = 1 (PEFT's LoRA start:
 #: dA ≠ 0 at step one; dB and dC follow).
 INITS = ("cp", "lora")
+
+
+def refuse_other_tasks(task_ids, merged_task: int, where: str) -> None:
+    """Raise when `task_ids` (an int or a tensor; None passes) hold any task but `merged_task`: a layer
+    with that task merged into its weight would silently give them the merged task's output."""
+    if task_ids is None:
+        return
+    if isinstance(task_ids, torch.Tensor):
+        others = task_ids[task_ids != merged_task]
+        other = int(others[0]) if others.numel() else None
+    else:
+        other = None if task_ids == merged_task else task_ids
+    if other is not None:
+        raise ValueError(f"{where} holds merged task {merged_task} in its weight and cannot run task {other}; "
+                         f"call cpkernels.unmerge(model) to serve other tasks")
 
 
 class FusedCPLinear(nn.Module):
@@ -29,9 +60,13 @@ class FusedCPLinear(nn.Module):
     ``bias.requires_grad_(True)``; and the trainable factors ``A`` (out, r), ``B`` (in, r) shared by
     every task and ``C`` (num_tasks, r), one row per task.
 
-    Task ids come from the ``task_ids=`` argument of `forward`, else from ``self.task_ids`` (set for a
-    whole model by `cpkernels.task_context`). They are an int, a (batch,) tensor (one task per sample,
-    broadcast over the sequence) or a tensor of shape ``x.shape[:-1]`` (one task per token).
+    Task ids come from the ``task_ids=`` argument of `forward`, else from the innermost
+    `cpkernels.task_context` of the calling thread (``self.task_ids`` shows them). They are an int, a
+    (batch,) tensor (one task per sample, broadcast over the sequence) or a tensor of shape
+    ``x.shape[:-1]`` (one task per token).
+
+    ``fan_in_fan_out=True`` stores ``weight`` as (in, out), the layout of GPT-2's
+    ``transformers.pytorch_utils.Conv1D`` (PEFT's flag of the same name); see `from_conv1d`.
 
     ``init="cp"`` (default): A and B get nn.Linear's kaiming-uniform init (fan-in r for A, in_features
     for B) and C = 0. Every task's update is exactly zero at start, so a converted model reproduces
@@ -43,8 +78,12 @@ class FusedCPLinear(nn.Module):
     bfloat16 model, like PEFT's autocast_adapter_dtype); the op computes in the input's dtype.
     """
 
+    #: A class default, so that layers pickled before the Conv1D support still load.
+    fan_in_fan_out: bool = False
+
     def __init__(self, in_features: int, out_features: int, rank: int, num_tasks: int, bias: bool = True,
-                 scale: float = 1.0, device=None, dtype=None, init: str = "cp", factor_dtype=None):
+                 scale: float = 1.0, device=None, dtype=None, init: str = "cp", factor_dtype=None,
+                 fan_in_fan_out: bool = False):
         super().__init__()
         for name, value, low in (("in_features", in_features, 1), ("out_features", out_features, 1),
                                  ("rank", rank, 0), ("num_tasks", num_tasks, 1)):
@@ -54,8 +93,8 @@ class FusedCPLinear(nn.Module):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.in_features, self.out_features, self.num_tasks = in_features, out_features, num_tasks
         self.scale = float(scale)
-        #: Task ids used when forward gets none (set by cpkernels.task_context).
-        self.task_ids = None
+        #: True when weight is stored (in, out) (GPT-2 Conv1D); the math always uses the (out, in) view.
+        self.fan_in_fan_out = bool(fan_in_fan_out)
         #: Qualified name in the model, recorded by convert/task_context for error messages.
         self.layer_name: str | None = None
         #: Task merged into weight by cpkernels.merge, and the original weight to restore (see merge).
@@ -64,7 +103,8 @@ class FusedCPLinear(nn.Module):
         self.register_buffer("unmerged_weight", None, persistent=False)
 
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
@@ -82,7 +122,7 @@ class FusedCPLinear(nn.Module):
     def _reset_base(self) -> None:
         # Same init as nn.Linear, so a FusedCPLinear built from scratch behaves like one.
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.w0, a=math.sqrt(5))
             if self.bias is not None:
                 bound = 1 / math.sqrt(self.in_features)
                 nn.init.uniform_(self.bias, -bound, bound)
@@ -115,16 +155,36 @@ class FusedCPLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
+        return cls._wrap(linear.weight, linear.bias, linear.in_features, linear.out_features, rank, num_tasks,
+                         scale, init, fan_in_fan_out=False, **kw)
+
+    @classmethod
+    def from_conv1d(cls, conv1d: nn.Module, rank: int, num_tasks: int, scale: float = 1.0, init: str = "cp",
+                    **kw) -> "FusedCPLinear":
+        """Wrap a GPT-2 style ``transformers.pytorch_utils.Conv1D`` (y = x·W + b with W stored (in, out)).
+
+        Like `from_linear`, the weight and bias Parameters are shared and frozen; the layer keeps the
+        (in, out) layout (``fan_in_fan_out=True``), so its state_dict keys and shapes stay GPT-2's.
+        """
+        weight, nf = getattr(conv1d, "weight", None), getattr(conv1d, "nf", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != nf:
+            raise TypeError(f"from_conv1d expects a transformers Conv1D (weight (in, out), nf = out), got "
+                            f"{type(conv1d).__name__}")
+        return cls._wrap(weight, conv1d.bias, weight.shape[0], nf, rank, num_tasks, scale, init,
+                         fan_in_fan_out=True, **kw)
+
+    @classmethod
+    def _wrap(cls, weight, bias, in_features, out_features, rank, num_tasks, scale, init, fan_in_fan_out,
+              **kw) -> "FusedCPLinear":
         # Build on the meta device so that no throw-away weight is allocated, then move the
         # factors to the weight's device (kaiming needs real memory).
-        layer = cls(linear.in_features, linear.out_features, rank, num_tasks, bias=linear.bias is not None,
-                    scale=scale, device="meta", dtype=w.dtype, init=init, **kw)
-        layer.weight = w.requires_grad_(False)
-        layer.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        layer = cls(in_features, out_features, rank, num_tasks, bias=bias is not None, scale=scale,
+                    device="meta", dtype=weight.dtype, init=init, fan_in_fan_out=fan_in_fan_out, **kw)
+        layer.weight = weight.requires_grad_(False)
+        layer.bias = bias.requires_grad_(False) if bias is not None else None
         for name in ("A", "B", "C"):
             p = getattr(layer, name)
-            setattr(layer, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=w.device)))
+            setattr(layer, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=weight.device)))
         layer.reset_factors(init)
         return layer
 
@@ -134,6 +194,22 @@ class FusedCPLinear(nn.Module):
     @property
     def rank(self) -> int:
         return self.A.shape[1]
+
+    @property
+    def w0(self) -> torch.Tensor:
+        """The weight as (out, in), whatever its storage layout (a transposed view for fan_in_fan_out)."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    @property
+    def task_ids(self):
+        """The ids the innermost `task_context` of the calling thread gives this layer (None outside)."""
+        routes = ROUTES.get()
+        return None if routes is None else routes.get(id(self))
+
+    @task_ids.setter
+    def task_ids(self, value):
+        raise AttributeError("FusedCPLinear.task_ids is read-only: ids stored on a layer would be shared by every "
+                             "thread; pass task_ids= to forward or use `with cpkernels.task_context(layer, ids):`")
 
     def _where(self) -> str:
         return f"FusedCPLinear {self.layer_name!r}" if self.layer_name else "FusedCPLinear"
@@ -182,6 +258,8 @@ class FusedCPLinear(nn.Module):
     def merged_weight(self, task: int) -> torch.Tensor:
         """W0 + ΔW_task, summed in float64 and rounded once to the weight's dtype (a new tensor)."""
         w0 = self.unmerged_weight if self.merged_task is not None else self.weight
+        if self.fan_in_fan_out:
+            w0 = w0.T
         with torch.no_grad():
             return (w0.detach().double() + self.delta_weight(task, torch.float64)).to(self.weight.dtype)
 
@@ -197,7 +275,7 @@ class FusedCPLinear(nn.Module):
         merged = self.merged_weight(task)
         with torch.no_grad():
             self.unmerged_weight = self.weight.detach().clone()
-            self.weight.copy_(merged)
+            self.w0.copy_(merged)
         self.merged_task = task
 
     def unmerge(self) -> None:
@@ -209,12 +287,34 @@ class FusedCPLinear(nn.Module):
         self.unmerged_weight = None
         self.merged_task = None
 
+    # The merge state travels with the weights: a merged weight holds W0 + ΔW_task, and loading it into
+    # an unmerged layer would apply ΔW twice (once in weight, once through A, B, C).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged_task is not None:
+            destination[prefix + "merged_task"] = torch.tensor(self.merged_task)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        marker = state_dict.get(prefix + "merged_task")
+        if marker is not None:
+            raise ValueError(f"{self._where()}: this state_dict was saved from a model with task {int(marker)} "
+                             f"merged into its weights (key {prefix + 'merged_task'!r}); loading it into a layer "
+                             f"with factors would apply that update twice. Call cpkernels.unmerge(model) before "
+                             f"state_dict(), or use cpkernels.export(model, task) for a plain model")
+        if self.merged_task is not None:
+            raise ValueError(f"{self._where()} holds merged task {self.merged_task}; call cpkernels.unmerge(model) "
+                             f"before load_state_dict (the loaded weights would mix with the merged update)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def to_linear(self, task: int) -> nn.Linear:
-        """A plain nn.Linear holding W0 + ΔW_task (new weight; the bias Parameter is shared)."""
+        """A plain nn.Linear holding W0 + ΔW_task (new weight, (out, in) whatever this layer's layout;
+        the bias Parameter is shared)."""
         w = self.weight
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
                            dtype=w.dtype)
-        linear.weight = nn.Parameter(self.merged_weight(task), requires_grad=w.requires_grad)
+        linear.weight = nn.Parameter(self.merged_weight(task).contiguous(), requires_grad=w.requires_grad)
         linear.bias = self.bias
         return linear
 
@@ -222,27 +322,33 @@ class FusedCPLinear(nn.Module):
     # Forward
     # ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
+        explicit = task_ids is not None
+        if not explicit:
+            routes = ROUTES.get()
+            task_ids = None if routes is None else routes.get(id(self))
         if self.merged_task is not None:
-            # The merged task's update already sits in weight (cpkernels.merge); ids are not needed.
-            return nn.functional.linear(x, self.weight, self.bias)
+            # The merged task's update already sits in weight (cpkernels.merge): ids are not needed,
+            # but ids for another task must not silently get this one. Context ids were checked once
+            # when the context was entered; ids passed here are checked now.
+            if explicit:
+                refuse_other_tasks(task_ids, self.merged_task, self._where())
+            return nn.functional.linear(x, self.w0, self.bias)
         if task_ids is None:
-            task_ids = self.task_ids
-            if task_ids is None:
-                raise ValueError(
-                    f"{self._where()} got no task ids: pass task_ids= to this layer, or run the model "
-                    f"inside `with cpkernels.task_context(model, task_ids):` (with gradient checkpointing, "
-                    f"call backward inside that block too: the recomputed forward needs the ids)")
-            if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 1 and task_ids.dim() >= x.dim():
-                # Per-token ids set for a whole model reach a layer that sees pooled (batch, d) inputs.
-                raise ValueError(
-                    f"{self._where()} receives x of shape {tuple(x.shape)} but the task context holds per-token "
-                    f"ids of shape {tuple(task_ids.shape)}; use per-sample ids (batch,) or leave this layer out "
-                    f"of the conversion (exclude=...)")
-        return cp_linear(x, self.weight, self.bias, self.A, self.B, self.C, task_ids, self.scale)
+            raise ValueError(f"{self._where()} got no task ids: {_NO_IDS}")
+        if (not explicit and isinstance(task_ids, torch.Tensor) and task_ids.dim() > 1
+                and task_ids.dim() >= x.dim()):
+            # Per-token ids set for a whole model reach a layer that sees pooled (batch, d) inputs.
+            raise ValueError(
+                f"{self._where()} receives x of shape {tuple(x.shape)} but the task context holds per-token "
+                f"ids of shape {tuple(task_ids.shape)}; use per-sample ids (batch,) or leave this layer out "
+                f"of the conversion (exclude=...)")
+        return cp_linear(x, self.w0, self.bias, self.A, self.B, self.C, task_ids, self.scale)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
              f"num_tasks={self.num_tasks}, bias={self.bias is not None}, scale={self.scale:g}")
+        if self.fan_in_fan_out:
+            s += ", fan_in_fan_out=True"
         if self.merged_task is not None:
             s += f", merged_task={self.merged_task}"
         return s

@@ -44,71 +44,16 @@ import numbers
 import torch
 from torch import nn
 
-from .convert import _layers_or_raise, _unmerged_layers_or_raise, parameter_report
+from .factors import LayerFactors, adapter_counts, as_factors, converted_layers, model_factors, parameter_report
 
-__all__ = ["KINDS", "penalty", "proximal_step", "prune", "prune_factors", "component_norms", "layer_factors",
-           "compression_report"]
+__all__ = ["KINDS", "penalty", "proximal_step", "prune", "prune_factors", "compress", "component_norms",
+           "layer_factors", "compression_report"]
 
 #: The penalties `penalty` and `proximal_step` know.
 KINDS = ("group", "l1")
 
-
-# --------------------------------------------------------------------------------------------
-# Helpers shared with analysis.py and the analyze CLI
-# --------------------------------------------------------------------------------------------
-def _cp_layers_or_raise(model) -> list:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return _layers_or_raise(model)
-
-
-def _unmerged_layers(model) -> list:
-    """The CP layers, refusing merged ones: their weight holds a copy of the update we would change."""
-    _cp_layers_or_raise(model)  # the type check
-    return _unmerged_layers_or_raise(model, "changing its factors")
-
-
-def layer_factors(model_or_factors) -> dict[str, dict]:
-    """The CP factors of every layer as ``{name: {"A", "B", "C", "scale"}}``, in model order.
-
-    Accepts a converted model, or the ``{name: {"A", "B", "C"}}`` dict that
-    `cpkernels.adapters.read_adapters` returns (an optional "scale" entry per layer; default 1).
-    A trained bias of a converted layer appears as "bias", as in saved adapters. The tensors are the
-    layers' own parameters (not copies). Shapes are checked:
-    A (d_out, r), B (d_in, r), C (T, r): T is the same in every layer, r may differ (after pruning).
-    """
-    if isinstance(model_or_factors, nn.Module):
-        return {name: _module_factors(m) for name, m in _cp_layers_or_raise(model_or_factors)}
-    if not isinstance(model_or_factors, dict):
-        raise TypeError("expected a converted nn.Module or a {layer: {'A', 'B', 'C'}} dict "
-                        f"(from cpkernels.adapters.read_adapters), got {type(model_or_factors).__name__}")
-    if not model_or_factors:
-        raise ValueError("the factor dict is empty: no CP layers to analyse")
-    out, num_tasks = {}, None
-    for name, f in model_or_factors.items():
-        missing = [k for k in ("A", "B", "C") if not isinstance(f, dict) or k not in f]
-        if missing:
-            raise ValueError(f"layer {name!r}: missing factor(s) {missing}; expected a dict with A, B and C")
-        A, B, C = f["A"], f["B"], f["C"]
-        for k, t in (("A", A), ("B", B), ("C", C)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2:
-                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"layer {name!r}: {k} must be a 2-D tensor, got {shape}")
-        if not (A.shape[1] == B.shape[1] == C.shape[1]):
-            raise ValueError(f"layer {name!r}: ranks differ: A {tuple(A.shape)}, B {tuple(B.shape)}, "
-                             f"C {tuple(C.shape)} (expected (d_out, r), (d_in, r), (T, r))")
-        if num_tasks is not None and C.shape[0] != num_tasks:
-            raise ValueError(f"layer {name!r}: C has {C.shape[0]} task rows, earlier layers have {num_tasks}")
-        num_tasks = C.shape[0]
-        out[name] = {**f, "scale": float(f.get("scale", 1.0))}
-    return out
-
-
-def _module_factors(m) -> dict:
-    f = {"A": m.A, "B": m.B, "C": m.C, "scale": float(m.scale)}
-    if m.bias is not None and m.bias.requires_grad:  # a trained bias travels with the adapters
-        f["bias"] = m.bias
-    return f
+#: The factors of every layer, ``{name: LayerFactors}`` (see `cpkernels.factors.as_factors`).
+layer_factors = as_factors
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -116,15 +61,24 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _column_scale(f: dict) -> torch.Tensor:
+def _column_scale(f: LayerFactors) -> torch.Tensor:
     """w_k = ‖a_k‖·‖b_k‖ for every component k, shape (r,); differentiable."""
-    dt = _acc_dtype(f["A"])
-    return torch.linalg.vector_norm(f["A"], dim=0, dtype=dt) * torch.linalg.vector_norm(f["B"], dim=0, dtype=dt)
+    dt = _acc_dtype(f.A)
+    return torch.linalg.vector_norm(f.A, dim=0, dtype=dt) * torch.linalg.vector_norm(f.B, dim=0, dtype=dt)
 
 
-def _component_norm(f: dict) -> torch.Tensor:
+def _component_norm(f: LayerFactors) -> torch.Tensor:
     """‖a_k‖·‖b_k‖·‖c_k‖ for every component k of one layer, shape (r,); differentiable."""
-    return _column_scale(f) * torch.linalg.vector_norm(f["C"], dim=0, dtype=_acc_dtype(f["A"]))
+    return _column_scale(f) * torch.linalg.vector_norm(f.C, dim=0, dtype=_acc_dtype(f.A))
+
+
+def _check_no_nan(f: LayerFactors, norms: torch.Tensor) -> None:
+    """Refuse NaN components: a comparison with NaN is False, so one would silently count as dead
+    (dropped by prune, zeroed by proximal_step) and leave clean-looking factors behind."""
+    bad = torch.isnan(norms).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"layer {f.name!r}: the norms of components {bad} are NaN (A, B or C holds NaN); "
+                         f"the factors are broken, e.g. by a diverged training step, and nothing was changed")
 
 
 def component_norms(model_or_factors) -> dict[str, torch.Tensor]:
@@ -132,7 +86,7 @@ def component_norms(model_or_factors) -> dict[str, torch.Tensor]:
 
     Differentiable when given a model (the group penalty is their sum); detach for inspection.
     """
-    return {name: _component_norm(f) for name, f in layer_factors(model_or_factors).items()}
+    return {name: _component_norm(f) for name, f in as_factors(model_or_factors).items()}
 
 
 def _check_kind(kind) -> None:
@@ -164,11 +118,11 @@ def penalty(model: nn.Module, kind: str = "group") -> torch.Tensor:
     """
     _check_kind(kind)
     total = None
-    for f in layer_factors(model).values():
+    for f in as_factors(model).values():
         if kind == "group":
             term = _component_norm(f).sum()
         else:
-            term = (f["C"].abs() * _column_scale(f)).sum()
+            term = (f.C.abs() * _column_scale(f)).sum()
         total = term if total is None else total + term.to(total.device)
     return total
 
@@ -193,11 +147,13 @@ def proximal_step(model: nn.Module, strength: float, kind: str = "group") -> Non
     """
     _check_kind(kind)
     strength = _check_nonnegative("strength", strength)
-    layers = [_module_factors(m) for _, m in _unmerged_layers(model)]
+    layers = list(model_factors(model, refuse_merged="changing its factors").values())
     if strength == 0:
         return
+    for f in layers:  # check every layer before changing any
+        _check_no_nan(f, _component_norm(f))
     for f in layers:
-        C = f["C"].to(_acc_dtype(f["A"]))
+        C = f.C.to(_acc_dtype(f.A))
         tau = strength * _column_scale(f)  # (r,): one threshold per component
         if kind == "group":
             norm = torch.linalg.vector_norm(C, dim=0)
@@ -205,7 +161,7 @@ def proximal_step(model: nn.Module, strength: float, kind: str = "group") -> Non
             new_C = C * torch.where(norm > tau, 1 - tau / torch.where(norm > tau, norm, 1), 0)
         else:
             new_C = C.sign() * (C.abs() - tau).clamp_min(0)
-        f["C"].copy_(new_C)
+        f.C.copy_(new_C)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,38 +185,18 @@ def compression_report(model_or_factors, base_parameters: int | None = None, num
     adapter config. num_tasks defaults to the rows of C (pass the config's when only some tasks
     were saved).
     """
-    factors = layer_factors(model_or_factors)
+    factors = as_factors(model_or_factors)
     if base_parameters is None and isinstance(model_or_factors, nn.Module):
         base_parameters = parameter_report(model_or_factors)["base_parameters"]
-    if num_tasks is None:
-        num_tasks = next(iter(factors.values()))["C"].shape[0]
-    layers, shared = {}, 0
-    for name, f in factors.items():
-        (d_out, r), d_in = f["A"].shape, f["B"].shape[0]
-        bias = f["bias"].numel() if "bias" in f else 0
-        layers[name] = {"rank": r, "params": r * (d_in + d_out + f["C"].shape[0]) + bias}
-        shared += r * (d_in + d_out) + bias
-    per_task = sum(v["rank"] for v in layers.values())
-    amortized = shared / num_tasks + per_task
-    percent = (lambda n: 100.0 * n / base_parameters) if base_parameters else (lambda n: None)
-    return {
-        "layers": layers,
-        "rank_total": per_task,
-        "params": sum(v["params"] for v in layers.values()),
-        "shared_trainable": shared,
-        "per_task": per_task,
-        "amortized_per_task": amortized,
-        "percent_per_task": percent(per_task),
-        "percent_amortized_per_task": percent(amortized),
-        "num_tasks": num_tasks,
-        "base_parameters": base_parameters,
-    }
+    return adapter_counts(factors, num_tasks, base_parameters)
 
 
-def _live(f: dict, tol: float) -> torch.Tensor:
-    """Boolean mask (r,) of the components whose norm ‖a_k‖·‖b_k‖·‖c_k‖ exceeds `tol`."""
+def _live(f: LayerFactors, tol: float) -> torch.Tensor:
+    """Boolean mask (r,) of the components whose norm ‖a_k‖·‖b_k‖·‖c_k‖ exceeds `tol`; NaN raises."""
     with torch.no_grad():
-        return _component_norm(f) > tol
+        norms = _component_norm(f)
+    _check_no_nan(f, norms)
+    return norms > tol
 
 
 def _prune_report(before: dict, after: dict) -> dict:
@@ -287,10 +223,10 @@ def prune(model: nn.Module, tol: float = 1e-8) -> dict:
     "before": compression_report(...), "after": compression_report(...)}``.
     """
     tol = _check_nonnegative("tol", tol)
-    layers = _unmerged_layers(model)
+    layers = converted_layers(model, refuse_merged="changing its factors")
     before = compression_report(model)
-    for name, m in layers:
-        keep = _live(_module_factors(m), tol)
+    keeps = [_live(LayerFactors.from_layer(name, m), tol) for name, m in layers]  # all checked before any change
+    for (name, m), keep in zip(layers, keeps):
         if not bool(keep.all()):
             with torch.no_grad():
                 m.set_factors(m.A[:, keep], m.B[:, keep], m.C[:, keep])
@@ -303,10 +239,80 @@ def prune_factors(factors: dict, tol: float = 1e-8, base_parameters: int | None 
     pruned copy of the dict and the same report as `prune` (see `compression_report` for
     base_parameters and num_tasks). The input is left unchanged."""
     tol = _check_nonnegative("tol", tol)
-    factors = layer_factors(factors)
+    factors = as_factors(factors)
     pruned = {}
     for name, f in factors.items():
         keep = _live(f, tol)
-        pruned[name] = {**f, **{k: f[k].detach()[:, keep] for k in ("A", "B", "C")}}
+        f = f.detach()
+        pruned[name] = f.with_factors(f.A[:, keep], f.B[:, keep], f.C[:, keep])
     before = compression_report(factors, base_parameters, num_tasks)
     return pruned, _prune_report(before, compression_report(pruned, base_parameters, num_tasks))
+
+
+# --------------------------------------------------------------------------------------------
+# Truncated decomposition
+# --------------------------------------------------------------------------------------------
+def _inner(X: tuple, Y: tuple) -> torch.Tensor:
+    """⟨X, Y⟩ of two CP tensors given as (A, B, C) factor triples: Σ (AxᵀAy)∘(BxᵀBy)∘(CxᵀCy)."""
+    return ((X[0].T @ Y[0]) * (X[1].T @ Y[1]) * (X[2].T @ Y[2])).sum()
+
+
+def _cp_als(target: tuple, rank: int, iters: int) -> tuple:
+    """Rank-`rank` CP fit of the CP tensor `target` = (A0, B0, C0) by alternating least squares.
+
+    Each update is the usual ALS step, A = X₍₁₎(C ⊙ B)·((BᵀB)∘(CᵀC))⁺, but X₍₁₎(C ⊙ B) is
+    A0·((B0ᵀB)∘(C0ᵀC)) because X is itself in CP form: everything is (d × r) and (r × r), ΔW is never
+    built. Starts from the `rank` components of largest norm, so it begins at the pruned solution and
+    can only improve on it.
+    """
+    A0, B0, C0 = target
+    norms = A0.norm(dim=0) * B0.norm(dim=0) * C0.norm(dim=0)
+    top = norms.argsort(descending=True)[:rank]
+    A, B, C = A0[:, top].clone(), B0[:, top].clone(), C0[:, top].clone()
+    for _ in range(iters):
+        A = A0 @ ((B0.T @ B) * (C0.T @ C)) @ torch.linalg.pinv((B.T @ B) * (C.T @ C))
+        B = B0 @ ((A0.T @ A) * (C0.T @ C)) @ torch.linalg.pinv((A.T @ A) * (C.T @ C))
+        C = C0 @ ((A0.T @ A) * (B0.T @ B)) @ torch.linalg.pinv((A.T @ A) * (B.T @ B))
+    return A, B, C
+
+
+def compress(model: nn.Module, rank: int, iters: int = 100) -> dict:
+    """Replace every layer of rank > `rank` by a rank-`rank` CP fit of its update tensor, in place.
+
+    Use it after `cpkernels.from_lora`, whose layers have rank Σ r_t: the fit (alternating least
+    squares, in float64, from the `rank` strongest components) trades exactness for fewer components.
+    Returns ``{"layers": {name: {"rank_before", "rank_after", "relative_error"}}, "relative_error"}``
+    where a layer's error is ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F over all its tasks stacked (computed from the
+    factors' Grams, exact up to float64 rounding of about 1e-8), and the model's is the same over all
+    layers. Layers already at or below `rank` are left alone. Rebuild the optimizer afterwards.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    layers = converted_layers(model, refuse_merged="changing its factors")
+    report, total_sq, total_err_sq = {}, 0.0, 0.0
+    fits = []
+    for name, m in layers:
+        f = LayerFactors.from_layer(name, m).detach()
+        _check_no_nan(f, _component_norm(f))
+        # The scale goes into C for the fit (the target is the update itself) and comes out after.
+        target = (f.A.double(), f.B.double(), f.C.double() * f.scale)
+        norm_sq = float(_inner(target, target))
+        if f.rank <= rank:
+            fits.append(None)
+            report[name] = {"rank_before": f.rank, "rank_after": f.rank, "relative_error": 0.0}
+            total_sq += norm_sq
+            continue
+        fit = _cp_als(target, rank, iters)
+        err_sq = max(norm_sq - 2 * float(_inner(target, fit)) + float(_inner(fit, fit)), 0.0)
+        fits.append(fit)
+        report[name] = {"rank_before": f.rank, "rank_after": rank,
+                        "relative_error": math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0}
+        total_sq += norm_sq
+        total_err_sq += err_sq
+    with torch.no_grad():  # every layer fitted before any is changed
+        for (name, m), fit in zip(layers, fits):
+            if fit is not None:
+                m.set_factors(fit[0], fit[1], fit[2] / m.scale if m.scale != 0 else fit[2])
+    return {"layers": report, "relative_error": math.sqrt(total_err_sq / total_sq) if total_sq > 0 else 0.0}

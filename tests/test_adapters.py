@@ -1,7 +1,9 @@
 """save_adapters / load_adapters / read_adapters: round trips, single-task files, pruned ranks,
 clear errors on mismatch, atomic writes."""
+import dataclasses
 import json
 import os
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -9,8 +11,13 @@ from torch import nn
 
 pytest.importorskip("safetensors")
 
+import cpkernels  # noqa: E402
+
 from cpkernels.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, read_adapters, save_adapters  # noqa: E402
+from cpkernels.config import CPConfig, model_config  # noqa: E402
 from cpkernels.convert import convert, cp_layers, merge, parameter_report, task_context  # noqa: E402
+from cpkernels.factors import LayerFactors  # noqa: E402
+from cpkernels.modules import FusedCPLinear  # noqa: E402
 
 T = 3
 
@@ -47,9 +54,9 @@ def test_round_trip_and_config(tmp_path):
     model = _trained()
     x = torch.randn(4, 7)
     save_adapters(model, tmp_path / "ad")
-    assert sorted(os.listdir(tmp_path / "ad")) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp file left behind
+    assert sorted(os.listdir(tmp_path / "ad")) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temp file left behind
     config = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
-    assert config["format_version"] == 1 and config["num_tasks"] == T and config["tasks"] == [0, 1, 2]
+    assert config["format_version"] == 2 and config["heads"] == {} and config["modules_to_save"] is None and config["num_tasks"] == T and config["tasks"] == [0, 1, 2]
     assert config["task_names"] == ["x", "y", "z"] and config["scale"] == 0.5 and config["rank"] == 4
     assert config["target_modules"] == "all-linear"
     assert config["base_parameters"] == parameter_report(model)["base_parameters"] == 7 * 11 + 11 + 11 * 5 + 5
@@ -62,14 +69,15 @@ def test_round_trip_and_config(tmp_path):
     load_adapters(fresh, tmp_path / "ad")
     assert fresh[0].A is A_param  # same rank: loaded in place, an optimizer stays valid
     assert all(torch.equal(a, b) for a, b in zip(_outputs(fresh, x), _outputs(model, x)))
-    assert fresh.cpkernels_config["task_names"] == ["x", "y", "z"]
+    assert model_config(fresh).task_names == ["x", "y", "z"]
 
 
 def test_read_adapters_without_a_model(tmp_path):
     model = _trained()
     save_adapters(model, tmp_path)
     config, factors = read_adapters(tmp_path)
-    assert set(factors) == {"0", "2"} and set(factors["0"]) == {"A", "B", "C"}
+    assert set(factors) == {"0", "2"} and isinstance(factors["0"], LayerFactors)
+    assert factors["0"].bias is None and factors["0"].scale == 0.5 and factors["0"].name == "0"
     for name, layer in cp_layers(model):
         for f in ("A", "B", "C"):
             assert torch.equal(factors[name][f], getattr(layer, f).detach())
@@ -192,7 +200,7 @@ def test_interrupted_save_keeps_the_previous_adapters(tmp_path, monkeypatch):
         save_adapters(model, tmp_path)
     monkeypatch.undo()
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == old
-    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     save_adapters(model, tmp_path)  # overwriting works
     assert torch.equal(read_adapters(tmp_path)[1]["0"]["A"], model[0].A.detach())
 
@@ -205,3 +213,136 @@ def test_load_into_merged_model_is_refused(tmp_path):
     merge(model, 0)
     with pytest.raises(ValueError, match=r"unmerge\(model\) before loading adapters"):
         load_adapters(model, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Rank, plain models, heads (issue 13)
+# --------------------------------------------------------------------------------------------
+def test_rank_mismatch_is_refused(tmp_path):
+    """A rank-8 model used to take rank-4 adapters silently (set_factors shrank every layer)."""
+    save_adapters(_trained(rank=4), tmp_path)
+    rank8 = _fresh(rank=8)
+    before = [p.detach().clone() for p in rank8.parameters()]
+    with pytest.raises(ValueError, match=r"layer '0' has rank 8 \(the model was converted with rank=8\) but .* "
+                                         r"holds rank 4 \(saved from a rank=4 conversion\)"):
+        load_adapters(rank8, tmp_path)
+    assert rank8[0].rank == 8 and all(torch.equal(a, b) for a, b in zip(before, rank8.parameters()))
+
+
+def _headed_base():
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(body=nn.Linear(7, 11), act=nn.Tanh(), mid=nn.Linear(11, 9),
+                                     head=nn.Linear(9, 3)))
+
+
+def test_from_pretrained_rebuilds_a_plain_model_with_heads_and_pruned_ranks(tmp_path):
+    # all-linear, but modules_to_save are never converted: they train in full.
+    model = convert(_headed_base(), CPConfig(rank=5, num_tasks=T, scale=0.25, task_names=["x", "y", "z"],
+                                             modules_to_save=["head"]))
+    assert model.head.weight.requires_grad and not isinstance(model.head, FusedCPLinear)
+    with torch.no_grad():
+        for _, layer in cp_layers(model):
+            for p in (layer.A, layer.B, layer.C):
+                p.normal_()
+        model.head.weight.add_(1.0)  # the head trained
+        model.mid.set_factors(model.mid.A[:, :2], model.mid.B[:, :2], model.mid.C[:, :2])  # pruned
+    save_adapters(model, tmp_path)
+    saved = read_adapters(tmp_path)[0]
+    assert saved["heads"] == {"head": ["bias", "weight"]} and saved["modules_to_save"] == ["head"]
+
+    x = torch.randn(6, 7)
+    ids = torch.tensor([0, 1, 2, 2, 1, 0])
+    for loader in (cpkernels.from_pretrained, load_adapters):
+        plain = _headed_base()  # the original base: its head is the untrained one
+        assert not torch.equal(plain.head.weight, model.head.weight)
+        out = loader(plain, tmp_path)
+        assert out is plain and isinstance(plain.body, FusedCPLinear) and isinstance(plain.mid, FusedCPLinear)
+        assert (plain.body.rank, plain.mid.rank) == (5, 2) and not isinstance(plain.head, FusedCPLinear)
+        assert torch.equal(plain.head.weight, model.head.weight)
+        assert model_config(plain) == model_config(model)
+        assert torch.equal(_route(plain, x, ids), _route(model, x, ids))
+
+
+def _route(model, x, ids):
+    with torch.no_grad(), task_context(model, ids):
+        return model(x)
+
+
+def test_from_pretrained_refuses_a_plain_model_that_does_not_fit(tmp_path):
+    model = convert(_headed_base(), rank=3, num_tasks=T, target_modules=["body", "mid"], modules_to_save=["head"])
+    save_adapters(model, tmp_path)
+    wrong = _headed_base()
+    wrong.mid = nn.Linear(11, 8)
+    with pytest.raises(ValueError, match=r"layer 'mid'.*\(9, 11\).*Linear \(8, 11\)"):
+        cpkernels.from_pretrained(wrong, tmp_path)
+    assert not any(isinstance(m, FusedCPLinear) for m in wrong.modules())  # checked before converting
+    wrong = _headed_base()
+    wrong.head = nn.Linear(9, 4)
+    with pytest.raises(ValueError, match=r"head 'head': bias is \(4,\) in the model but \(3,\)"):
+        cpkernels.from_pretrained(wrong, tmp_path)
+    wrong = _headed_base()
+    del wrong.head
+    with pytest.raises(ValueError, match=r"holds head 'head'.*no such module"):
+        cpkernels.from_pretrained(wrong, tmp_path)
+    with pytest.raises(ValueError, match=r"modules_to_save entries \['nothing'\] match no module"):
+        model.cpkernels_config = dataclasses.replace(model_config(model), modules_to_save=["nothing"])
+        save_adapters(model, tmp_path / "typo")
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter files: config consistency, negative tasks, PEFT, format 1 (issue 11 item 11, issue 13)
+# --------------------------------------------------------------------------------------------
+def _rewrite(directory, edit, json_edit=None, json_name=CONFIG_NAME):
+    """Rewrite a saved directory's header config with `edit` (and its json with `json_edit`)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    file = str(directory / WEIGHTS_NAME)
+    with safe_open(file, framework="pt") as f:
+        config = json.loads(f.metadata()["cpkernels_adapter_config"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(config)
+    save_file(tensors, file, metadata={"cpkernels_adapter_config": json.dumps(config)})
+    (directory / CONFIG_NAME).unlink()
+    if json_edit is not None:
+        json_edit(config)
+    (directory / json_name).write_text(json.dumps(config))
+
+
+def test_json_that_disagrees_with_the_header_is_refused(tmp_path):
+    """adapter_config.json used to be ignored silently when it said something else than the header."""
+    save_adapters(_trained(), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text((tmp_path / CONFIG_NAME).read_text().replace('"scale": 0.5', '"scale": 2.0'))
+    for call in (read_adapters, lambda p: load_adapters(_fresh(), p)):
+        with pytest.raises(ValueError, match=rf"{CONFIG_NAME} disagrees with the config embedded in "
+                                             rf"{WEIGHTS_NAME} \(keys \['layers', 'scale'\]\)"):
+            call(tmp_path)
+    (tmp_path / CONFIG_NAME).unlink()  # the header alone is enough
+    assert read_adapters(tmp_path)[0]["scale"] == 0.5
+
+
+def test_negative_task_indices_are_refused(tmp_path):
+    """tasks=[-1] in a saved config used to load into row T-1 (Python's negative indexing)."""
+    save_adapters(_trained(), tmp_path, tasks=[2])
+
+    def negative(config):
+        config["tasks"] = [-1]
+    _rewrite(tmp_path, negative)
+    with pytest.raises(ValueError, match=r"'tasks' must be distinct indices in \[0, num_tasks=3\), got \[-1\]"):
+        load_adapters(_fresh(), tmp_path)
+
+
+def test_peft_is_not_fooled_and_format_1_still_loads(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _trained()
+    save_adapters(model, tmp_path)
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):  # was KeyError: 'peft_type'
+        peft.PeftModel.from_pretrained(_base(), str(tmp_path))
+
+    def to_format_1(config):
+        config["format_version"] = 1
+        for key in ("exclude", "modules_to_save", "heads"):
+            del config[key]
+    _rewrite(tmp_path, to_format_1, json_name="adapter_config.json")
+    x = torch.randn(3, 7)
+    fresh = load_adapters(_fresh(), tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(fresh, x), _outputs(model, x)))

@@ -146,7 +146,7 @@ def test_plots_are_valid_pngs(tmp_path):
 # --------------------------------------------------------------------------------------------
 def saved_adapters(tmp_path, tasks=None):
     model = random_model(num_tasks=3, scale=0.5)
-    model.cpkernels_config["task_names"] = ["cola", "sst2", "mrpc"]
+    model.cpkernels_config.task_names = ["cola", "sst2", "mrpc"]
     first = next(iter(cp_layers(model)))[1]
     with torch.no_grad():
         first.C[:, 0] = 0  # one dead component: live rank 4 of 5
@@ -204,3 +204,25 @@ def test_cli_errors_are_clear(tmp_path, capsys, case):
     assert {"missing dir": "does not exist", "a file": "not a directory",
             "no adapter files": "no adapter file"}[case] in err
     assert not (tmp_path / "out").exists()
+
+
+def test_nan_propagates_into_similarity_and_norms():
+    """A task whose C holds NaN used to get similarity 0 with every task (a clean-looking number)."""
+    model = random_model(num_tasks=4)
+    _, layer = list(cp_layers(model))[0]
+    with torch.no_grad():
+        layer.C[2, 1] = float("nan")
+    sim = analysis.task_similarity(model)
+    assert torch.isnan(sim[2]).all() and torch.isnan(sim[:, 2]).all()
+    others = [0, 1, 3]
+    assert not torch.isnan(sim[others][:, others]).any()
+    assert torch.isnan(analysis.task_update_norms(model)[2])
+    per_layer = analysis.task_similarity(model, per_layer=True)
+    assert torch.isnan(per_layer[next(iter(per_layer))][2, 0])
+    # A zero task still gets 0 (the documented convention), not NaN.
+    with torch.no_grad():
+        layer.C[2, 1] = 0.0
+        for _, m in cp_layers(model):
+            m.C[3].zero_()
+    sim = analysis.task_similarity(model)
+    assert not torch.isnan(sim).any() and (sim[3] == 0).all()

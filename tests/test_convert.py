@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from cpkernels.config import CPConfig
 from cpkernels.convert import (
     convert, cp_layers, export, merge, parameter_report, print_parameter_report, task_context, unmerge,
 )
@@ -70,11 +71,37 @@ def test_all_linear_skips_heads_and_freezes_the_base():
     assert type(model.classifier) is nn.Linear and type(model.lm_head) is nn.Linear
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{layer}.{f}" for layer in ("blocks.0", "blocks.2", "pooler") for f in "ABC"}
-    assert model.cpkernels_config == {"rank": 3, "num_tasks": 4, "task_names": ["a", "b", "c", "d"],
-                                      "target_modules": "all-linear", "exclude": None, "scale": 0.5, "init": "cp"}
+    assert model.cpkernels_config == CPConfig(rank=3, num_tasks=4, task_names=["a", "b", "c", "d"], scale=0.5)
     with task_context(model, torch.tensor([0, 3, 1, 2])):
         after = model(ids)
     assert all(torch.equal(a, b) for a, b in zip(after, before))  # C = 0 at init: bit-identical
+
+
+def test_convert_takes_a_cpconfig_or_keywords_and_unfreezes_modules_to_save():
+    torch.manual_seed(0)
+    config = CPConfig(rank=2, num_tasks=3, target_modules=["blocks.0", "pooler"], scale=0.25,
+                      modules_to_save=["classifier"])
+    model = convert(Net(), config)
+    assert model.cpkernels_config is config
+    assert [n for n, _ in cp_layers(model)] == ["blocks.0", "pooler"] and model.pooler.scale == 0.25
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{f}" for n in ("blocks.0", "pooler") for f in "ABC"} | {"classifier.weight",
+                                                                                     "classifier.bias"}
+    keywords = convert(Net(), rank=2, num_tasks=3, target_modules=["blocks.0", "pooler"], scale=0.25,
+                       modules_to_save=["classifier"])
+    assert keywords.cpkernels_config == config
+    # A module to save is never converted, even when the targets match it.
+    model = convert(Net(), CPConfig(rank=2, num_tasks=1, target_modules=".*", modules_to_save=["pooler"]))
+    assert type(model.pooler) is nn.Linear and model.pooler.weight.requires_grad
+    assert isinstance(model.classifier, FusedCPLinear)
+    with pytest.raises(TypeError, match=r"CPConfig and the keyword\(s\) \['scale'\]"):
+        convert(Net(), config, scale=2.0)
+    with pytest.raises(TypeError, match="not a dict"):
+        convert(Net(), config.to_dict())
+    with pytest.raises(TypeError, match=r"needs a CPConfig or the keyword\(s\) \['num_tasks'\]"):
+        convert(Net(), rank=2)
+    with pytest.raises(ValueError, match=r"modules_to_save entries \['head'\] match no module"):
+        convert(Net(), CPConfig(rank=2, num_tasks=1, modules_to_save=["head"]))
 
 
 def test_the_only_linear_of_a_bare_sequential_is_converted():
@@ -120,13 +147,6 @@ def test_shared_linear_is_replaced_everywhere():
     model = nn.Sequential(shared, nn.ReLU(), shared)
     convert(model, 2, 2)
     assert isinstance(model[0], FusedCPLinear) and model[0] is model[2]
-
-
-def test_gpt2_conv1d_is_refused_with_a_clear_message(transformers):
-    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
-    with pytest.raises(TypeError, match=r"'h\.0\.attn\.c_attn' is a transformers Conv1D.*\(in, out\)"):
-        convert(transformers.GPT2Model(config), 4, 2)
 
 
 # --------------------------------------------------------------------------------------------

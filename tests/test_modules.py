@@ -61,13 +61,20 @@ def test_layer_matches_reference(d_in, d_out, r, T, per_token, bias):
         assert_close_to_reference(_layer_fn(layer), inputs, scale=0.5)
 
 
-def test_task_ids_attribute_matches_argument():
+def test_task_context_on_a_layer_matches_argument():
+    from cpkernels.convert import task_context
+
     layer = _random_layer(19, 23, 4, 3)
     x, ids = torch.randn(4, 6, 19), torch.tensor([2, 0, 1, 2])
-    layer.task_ids = ids
-    assert torch.equal(layer(x), layer(x, task_ids=ids))
-    # The argument wins over the attribute.
-    assert torch.equal(layer(x, task_ids=torch.tensor([1, 1, 1, 1])), layer(x, task_ids=1))
+    with task_context(layer, ids):
+        assert torch.equal(layer.task_ids, ids)
+        assert torch.equal(layer(x), layer(x, task_ids=ids))
+        # The argument wins over the context.
+        assert torch.equal(layer(x, task_ids=torch.tensor([1, 1, 1, 1])), layer(x, task_ids=1))
+    assert layer.task_ids is None
+    # Ids stored on a layer would be shared by every thread: the attribute is read-only.
+    with pytest.raises(AttributeError, match="read-only.*task_context"):
+        layer.task_ids = ids
 
 
 def test_from_linear_shares_weight_and_freezes_it():

@@ -1,4 +1,6 @@
 """cpkernels.sparsity: penalties, proximal steps and pruning, against independent float64 formulas."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -295,3 +297,67 @@ def test_bad_input_errors():
         sparsity.penalty({"layer": {"A": torch.ones(2, 1)}})
     with pytest.raises(ValueError, match="ranks differ"):
         sparsity.prune_factors({"l": {"A": torch.ones(3, 2), "B": torch.ones(4, 1), "C": torch.ones(2, 2)}})
+
+
+# --------------------------------------------------------------------------------------------
+# NaN is never hidden (issue 11, item 10)
+# --------------------------------------------------------------------------------------------
+def test_prune_and_proximal_step_refuse_nan_components():
+    """A NaN component used to count as dead (NaN > tol is False) and vanish, leaving clean factors."""
+    for poison in ("C", "A"):
+        model = random_model()
+        name, layer = list(cp_layers(model))[1]
+        with torch.no_grad():
+            getattr(layer, poison)[0, 2] = float("nan")
+        for call in (lambda: sparsity.prune(model), lambda: sparsity.proximal_step(model, 0.1),
+                     lambda: sparsity.prune_factors(sparsity.layer_factors(model))):
+            with pytest.raises(ValueError, match=rf"layer {name!r}: the norms of components \[2\] are NaN"):
+                call()
+        assert layer.rank == 5 and torch.isnan(getattr(layer, poison)[0, 2])  # nothing was changed
+    # An infinite component is not dead either: it stays (and its NaN-free norm says so).
+    model = random_model()
+    _, layer = list(cp_layers(model))[0]
+    with torch.no_grad():
+        layer.C[1, 3] = float("inf")
+    sparsity.prune(model)
+    assert layer.rank == 5
+
+
+# --------------------------------------------------------------------------------------------
+# compress: truncated CP decomposition (e.g. after from_lora)
+# --------------------------------------------------------------------------------------------
+def stacked_updates(model):
+    """{layer: (T, d_out·d_in)} of materialised ΔW_t in float64 (the independent check)."""
+    return {name: torch.stack([m.delta_weight(t, torch.float64).flatten() for t in range(m.num_tasks)])
+            for name, m in cp_layers(model)}
+
+
+def test_compress_recovers_a_redundant_decomposition_exactly():
+    """Rank 2 written as rank 4 (each component split in two): compressing to 2 loses nothing."""
+    model = random_model(rank=2)
+    for _, m in cp_layers(model):
+        m.set_factors(torch.cat([m.A, m.A], 1), torch.cat([m.B, m.B], 1), torch.cat([0.3 * m.C, 0.7 * m.C], 1))
+    x, ids = torch.randn(7, 13, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 3, 1, 2])
+    before = forward(model, x, ids)
+    report = sparsity.compress(model, 2)
+    assert all(m.rank == 2 for _, m in cp_layers(model)) and report["relative_error"] < 1e-6
+    torch.testing.assert_close(forward(model, x, ids), before, atol=1e-8, rtol=0)
+
+
+def test_compress_reports_the_true_error_and_beats_pruning():
+    model = random_model(rank=5)
+    exact = stacked_updates(model)
+    pruned_only = sparsity.compress(copy.deepcopy(model), 2, iters=0)  # the 2 strongest components
+    report = sparsity.compress(model, 2)
+    fitted = stacked_updates(model)
+    num = sum(float((exact[n] - fitted[n]).norm() ** 2) for n in exact)
+    den = sum(float(exact[n].norm() ** 2) for n in exact)
+    assert report["relative_error"] == pytest.approx((num / den) ** 0.5, rel=1e-6)
+    for name in exact:
+        err = float((exact[name] - fitted[name]).norm() / exact[name].norm())
+        assert report["layers"][name]["relative_error"] == pytest.approx(err, rel=1e-6)
+        assert report["layers"][name]["relative_error"] <= pruned_only["layers"][name]["relative_error"] + 1e-12
+    assert 0 < report["relative_error"] < pruned_only["relative_error"]
+    assert sparsity.compress(model, 3)["relative_error"] == 0.0  # already at rank 2 <= 3: unchanged
+    with pytest.raises(ValueError, match="rank must be an int >= 1"):
+        sparsity.compress(model, 0)
