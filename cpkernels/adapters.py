@@ -493,7 +493,8 @@ def _read_lora(folder) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor,
     config = json.loads(config_file.read_text())
     if config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int) or "lora_alpha" not in config:
         raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r} (r={config.get('r')!r}, "
-                         f"lora_alpha={config.get('lora_alpha')!r}); from_lora reads LORA adapters with r and lora_alpha")
+                         f"lora_alpha={config.get('lora_alpha')!r}); from_lora reads LORA adapters with r and "
+                         f"lora_alpha")
     unsupported = [k for k in ("use_dora", "lora_bias", "use_qalora", "target_parameters", "layer_replication",
                                "trainable_token_indices", "modules_to_save") if config.get(k)]
     if config.get("bias", "none") != "none":
