@@ -185,8 +185,13 @@ def _read(path) -> tuple[dict, CPConfig, dict[str, LayerFactors], dict[str, dict
     path = Path(path)
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
-        hint = " (it looks like a PEFT adapter: load it with cpkernels.from_lora)" \
-            if (path / "adapter_model.safetensors").is_file() else ""
+        hint = ""
+        if (path / PEFT_WEIGHTS_NAME).is_file():
+            hint = " (it looks like a PEFT adapter: load it with cpkernels.from_lora)"
+        elif (path / "config.json").is_file():
+            hint = (" (it looks like a transformers save_pretrained folder, which holds the base weights: load "
+                    "it with AutoModel.from_pretrained, then cpkernels.from_pretrained(model, adapter_dir) with "
+                    "the folder written by save_adapters)")
         raise FileNotFoundError(f"no adapter file at {file} (expected a directory written by save_adapters){hint}")
     with st.safe_open(str(file), framework="pt", device="cpu") as f:
         header = (f.metadata() or {}).get(_HEADER_KEY)
