@@ -185,8 +185,13 @@ def _read(path) -> tuple[dict, CPConfig, dict[str, LayerFactors], dict[str, dict
     path = Path(path)
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
-        hint = " (it looks like a PEFT adapter: load it with cpkernels.from_lora)" \
-            if (path / "adapter_model.safetensors").is_file() else ""
+        hint = ""
+        if (path / PEFT_WEIGHTS_NAME).is_file():
+            hint = " (it looks like a PEFT adapter: load it with cpkernels.from_lora)"
+        elif (path / "config.json").is_file():
+            hint = (" (it looks like a transformers save_pretrained folder, which holds the base weights: load "
+                    "it with AutoModel.from_pretrained, then cpkernels.from_pretrained(model, adapter_dir) with "
+                    "the folder written by save_adapters)")
         raise FileNotFoundError(f"no adapter file at {file} (expected a directory written by save_adapters){hint}")
     with st.safe_open(str(file), framework="pt", device="cpu") as f:
         header = (f.metadata() or {}).get(_HEADER_KEY)
@@ -493,7 +498,8 @@ def _read_lora(folder) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor,
     config = json.loads(config_file.read_text())
     if config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int) or "lora_alpha" not in config:
         raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r} (r={config.get('r')!r}, "
-                         f"lora_alpha={config.get('lora_alpha')!r}); from_lora reads LORA adapters with r and lora_alpha")
+                         f"lora_alpha={config.get('lora_alpha')!r}); from_lora reads LORA adapters with r and "
+                         f"lora_alpha")
     unsupported = [k for k in ("use_dora", "lora_bias", "use_qalora", "target_parameters", "layer_replication",
                                "trainable_token_indices", "modules_to_save") if config.get(k)]
     if config.get("bias", "none") != "none":

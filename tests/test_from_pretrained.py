@@ -48,6 +48,9 @@ def test_save_pretrained_then_from_pretrained_with_adapters_and_head(tmp_path):
     plain = load(tmp_path / "full")
     assert not any(isinstance(m, FusedCPLinear) for m in plain.modules())
 
+    with pytest.raises(FileNotFoundError, match="transformers save_pretrained folder"):
+        cpkernels.from_pretrained(load(base_dir), tmp_path / "full")  # a clear pointer, not a bare miss
+
     # The documented path: adapters next to the base weights, no manual convert.
     cpkernels.save_adapters(model, tmp_path / "adapters")
     for base in (tmp_path / "full", base_dir):  # the saved full model, or the original base model

@@ -1,0 +1,1 @@
+"""Command-line entries (ARCHITECTURE §4): `cpkernels.cli.analyze` (``cpkernels-analyze``)."""
