@@ -44,20 +44,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from .common import (check_dtype, config, current_smem_limit, gemm_smem_bytes, is_interpreted, launch, launch_tuned,
+                     precision, rank_blocks, tune_key, uses_cublas)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _lowrank_gemm_kernel(
-    a_ptr, w_ptr, p_ptr, q_ptr, c_ptr, t_ptr, bias_ptr, out_ptr, lr_ptr,
+    a_ptr, w_ptr, p_ptr, q_ptr, c_ptr, t_ptr, bias_ptr, out_ptr, proj_ptr,
     M, N, K, R, T, scale,
     stride_am, stride_ak, stride_wk, stride_wn, stride_pk, stride_pr, stride_qn, stride_qr,
-    stride_ct, stride_cr, stride_t, stride_om, stride_on, stride_lm, stride_lr,
-    M_BUCKET,  # only an autotune key: the best tile depends on M's order of magnitude, not on M
-    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, PRECISION: tl.constexpr, R_BLOCK: tl.constexpr,
+    stride_ct, stride_cr, stride_t, stride_bias, stride_om, stride_on, stride_projm, stride_projr,
+    # Only an autotune key (the best tile depends on M's order of magnitude, not on M); not
+    # specialised, so its values do not multiply the compiled variants.
+    M_BUCKET,
+    HAS_BIAS: tl.constexpr, SHRINK_PASS: tl.constexpr, PRECISION: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out = a·w + bias + scale·((a·p) ⊙ C[t])·qᵀ; lr = a·p is written (FUSE_SHRINK) or read."""
+    """out = a·w + bias + scale·((a·p) ⊙ C[t])·qᵀ; proj = a·p is read (SHRINK_PASS) or written."""
     # Grouped ordering: GROUP_M row blocks walk the column tiles together, so the w tiles they
     # share are still in L2 when the next row block needs them.
     pid = tl.program_id(0)
@@ -74,60 +78,70 @@ def _lowrank_gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
     rk = tl.arange(0, R_BLOCK)
 
+    # The K loop: acc = a·w and, in-loop, proj = a·p on the a-tile already in registers.
     a_ptrs = a_ptr + rows_in[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + ks[:, None] * stride_wk + cols_in[None, :] * stride_wn
     p_ptrs = p_ptr + ks[:, None] * stride_pk + rk[None, :] * stride_pr
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    lr = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    proj = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
         w = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if FUSE_SHRINK:  # the rank-r product rides on the a-tile already loaded
+        if not SHRINK_PASS:
             p = tl.load(p_ptrs, mask=(ks[:, None] < k_left) & (rk[None, :] < R), other=0.0)
-            lr = tl.dot(a, p, lr, input_precision=PRECISION)
+            proj = tl.dot(a, p, proj, input_precision=PRECISION)
             p_ptrs += BLOCK_K * stride_pk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue: a bad task id masks its C row to zeros, so that row gets no low-rank update.
+    # Epilogue: acc += scale·(proj ⊙ C[t])·qᵀ. A task id outside [0, T) (-1: "no adapter") masks its
+    # C row to zeros, so that row gets exactly a·w + bias and nothing is read out of bounds.
     task = tl.load(t_ptr + rows_in * stride_t)
     task_ok = (task >= 0) & (task < T)
-    if FUSE_SHRINK:
-        c = tl.load(c_ptr + task[:, None] * stride_ct + rk[None, :] * stride_cr,
-                    mask=task_ok[:, None] & (rk[None, :] < R), other=0.0)
-        v = (lr * c.to(tl.float32) * scale).to(a_ptr.dtype.element_ty)
-        q = tl.load(q_ptr + rk[:, None] * stride_qr + cols_in[None, :] * stride_qn, mask=rk[:, None] < R, other=0.0)
-        acc = tl.dot(v, q, acc, input_precision=PRECISION)
-        if pid_n == 0:  # every column tile computed the same rows of a·p; one of them stores it
-            lr_ptrs = lr_ptr + rows.to(tl.int64)[:, None] * stride_lm + rk[None, :] * stride_lr
-            tl.store(lr_ptrs, lr.to(lr_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (rk[None, :] < R))
-    else:
-        for r0 in range(0, R, R_BLOCK):  # rank chunks keep the epilogue's registers bounded for any r
+    if SHRINK_PASS:
+        # Rank chunks keep the epilogue's registers bounded for any r. num_stages=1: a pipelined
+        # loop would double-buffer the q chunk in shared memory (+33 KiB at 128×256, bf16), which
+        # is what pushed fp32 and wide-rank configs past 227 KiB.
+        for r0 in tl.range(0, R, R_BLOCK, num_stages=1):
             rr = r0 + rk
-            lr_chunk = tl.load(lr_ptr + rows_in[:, None] * stride_lm + rr[None, :] * stride_lr,
-                               mask=rr[None, :] < R, other=0.0)
-            c = tl.load(c_ptr + task[:, None] * stride_ct + rr[None, :] * stride_cr,
-                        mask=task_ok[:, None] & (rr[None, :] < R), other=0.0)
-            v = (lr_chunk.to(tl.float32) * c.to(tl.float32) * scale).to(a_ptr.dtype.element_ty)
-            q = tl.load(q_ptr + rr[:, None] * stride_qr + cols_in[None, :] * stride_qn,
-                        mask=rr[:, None] < R, other=0.0)
-            acc = tl.dot(v, q, acc, input_precision=PRECISION)
+            proj_chunk = tl.load(proj_ptr + rows_in[:, None] * stride_projm + rr[None, :] * stride_projr,
+                                 mask=rr[None, :] < R, other=0.0)
+            acc = _add_lowrank(acc, proj_chunk, c_ptr, q_ptr, task, task_ok, rr, cols_in, R, scale,
+                               stride_ct, stride_cr, stride_qn, stride_qr, a_ptr.dtype.element_ty, PRECISION)
+    else:
+        acc = _add_lowrank(acc, proj, c_ptr, q_ptr, task, task_ok, rk, cols_in, R, scale,
+                           stride_ct, stride_cr, stride_qn, stride_qr, a_ptr.dtype.element_ty, PRECISION)
+        if pid_n == 0:  # every column tile computed the same rows of a·p; one of them stores it
+            proj_ptrs = proj_ptr + rows.to(tl.int64)[:, None] * stride_projm + rk[None, :] * stride_projr
+            tl.store(proj_ptrs, proj.to(proj_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (rk[None, :] < R))
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols_in * stride_bias).to(tl.float32)[None, :]
 
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
+def _add_lowrank(acc, proj, c_ptr, q_ptr, task, task_ok, rr, cols, R, scale,
+                 stride_ct, stride_cr, stride_qn, stride_qr, IN_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + scale·(proj ⊙ C[task])·q[cols]ᵀ over the rank columns rr (masked to < R and to good ids)."""
+    c = tl.load(c_ptr + task[:, None] * stride_ct + rr[None, :] * stride_cr,
+                mask=task_ok[:, None] & (rr[None, :] < R), other=0.0)
+    # v in the input dtype: the second MMA runs at the same rate as the main one.
+    v = (proj.to(tl.float32) * c.to(tl.float32) * scale).to(IN_DTYPE)
+    q = tl.load(q_ptr + rr[:, None] * stride_qr + cols[None, :] * stride_qn, mask=rr[:, None] < R, other=0.0)
+    return tl.dot(v, q.to(IN_DTYPE), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _shrink_kernel(
-    a_ptr, p_ptr, lr_ptr, M, K, R,
-    stride_am, stride_ak, stride_pk, stride_pr, stride_lm, stride_lr,
+    a_ptr, p_ptr, proj_ptr, M, K, R,
+    stride_am, stride_ak, stride_pk, stride_pr, stride_projm, stride_projr,
     PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """lr = a·p (M × R): one read of a, fp32 accumulation; grid (row blocks, rank chunks)."""
+    """proj = a·p (M × R): one read of a, fp32 accumulation; grid (row blocks, rank chunks)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -141,52 +155,83 @@ def _shrink_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
         p = tl.load(p_ptrs, mask=(ks[:, None] < k_left) & (rr[None, :] < R), other=0.0)
-        acc = tl.dot(a, p, acc, input_precision=PRECISION)
+        acc = tl.dot(a, p.to(a.dtype), acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         p_ptrs += BLOCK_K * stride_pk
-    lr_ptrs = lr_ptr + rows.to(tl.int64)[:, None] * stride_lm + rr[None, :] * stride_lr
-    tl.store(lr_ptrs, acc.to(lr_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (rr[None, :] < R))
+    proj_ptrs = proj_ptr + rows.to(tl.int64)[:, None] * stride_projm + rr[None, :] * stride_projr
+    tl.store(proj_ptrs, acc.to(proj_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (rr[None, :] < R))
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers
+# Tile configs
 # ------------------------------------------------------------------------------------------------
-def _cfg(bm, bn, bk, stages, warps, group_m=8):
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m),
-                         num_stages=stages, num_warps=warps)
-
-
-# M > 64: compute bound. Wide Hopper tiles first (128×256×64, 3 stages = 150 KiB of shared memory in
-# bf16, two warpgroups), then 128×128 (4 stages) and 64×128 for mid-size grids such as bert's
-# (8192 × 768 gives only 48 tiles of 128×256). fp32 configs that overflow shared memory are skipped
-# by the autotuner (OutOfResources).
-_LARGE_M_CONFIGS = [
-    _cfg(128, 256, 64, 3, 8),
-    _cfg(256, 128, 64, 3, 8),
-    _cfg(128, 128, 64, 4, 8),
-    _cfg(128, 128, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
+# 16-bit, M > 64: compute bound. Wide Hopper tiles first (128×256×64, 3 stages = 144 KiB of K-loop
+# buffers, two warpgroups), then 128×128 (4 stages) and 64×128 for mid-size grids such as bert's
+# (8192 × 768 gives only 48 tiles of 128×256).
+_LARGE_M_16BIT = [
+    config(128, 256, 64, 3, 8),
+    config(256, 128, 64, 3, 8),
+    config(128, 128, 64, 4, 8),
+    config(128, 128, 64, 4, 4),
+    config(64, 128, 64, 4, 4),
+]
+# tf32, M > 64: fp32 tiles take twice the bytes, so BLOCK_K halves (32 fp32 = 128 bytes, one full
+# cache line per row, as 64 bf16) and the widest tile drops a stage: 128×256×32 at 3 stages is
+# 144 KiB, like its bf16 twin.
+_LARGE_M_TF32 = [
+    config(128, 256, 32, 3, 8),
+    config(128, 128, 32, 4, 8),
+    config(128, 128, 32, 3, 4),
+    config(64, 128, 32, 4, 4),
 ]
 # M ≤ 64 (decode): the GEMM streams W0 once and is bound by HBM. BLOCK_M = 16 is tl.dot's minimum;
 # narrow column tiles give d_out/32 programs to spread the stream over every SM, and long K steps
 # with 3–4 stages keep 32–64 KiB of W0 in flight per SM.
-_SMALL_M_CONFIGS = [
-    _cfg(16, 32, 256, 4, 4, group_m=1),
-    _cfg(16, 64, 128, 4, 4, group_m=1),
-    _cfg(32, 64, 128, 4, 4, group_m=1),
-    _cfg(64, 64, 128, 3, 4, group_m=1),
+_SMALL_M_16BIT = [
+    config(16, 32, 256, 4, 4, group_m=1),
+    config(16, 64, 128, 4, 4, group_m=1),
+    config(32, 64, 128, 4, 4, group_m=1),
+    config(64, 64, 128, 3, 4, group_m=1),
 ]
+# The same bytes in flight in tf32: half the K per step.
+_SMALL_M_TF32 = [
+    config(16, 32, 128, 4, 4, group_m=1),
+    config(16, 64, 64, 4, 4, group_m=1),
+    config(32, 64, 64, 4, 4, group_m=1),
+    config(64, 64, 64, 3, 4, group_m=1),
+]
+# Fixed configs (deterministic mode, CUDA-graph capture of an untuned key): the safest of each list.
+_FIXED = {(True, 2): _SMALL_M_16BIT[1], (True, 4): _SMALL_M_TF32[1],
+          (False, 2): _LARGE_M_16BIT[2], (False, 4): _LARGE_M_TF32[1]}
+# The interpreter: one small tile (autotuning is pointless there) that still gives several tiles
+# and K steps on test shapes.
+_INTERPRETER_CONFIG = config(32, 32, 32, 1, 4, group_m=2)
 _SMALL_M = 64
-# stride_wk tells W0ᵀ (forward, K-contiguous) from W0 (dX, N-contiguous): different best tiles.
-_KEY = ["M_BUCKET", "N", "K", "R_BLOCK", "FUSE_SHRINK", "stride_wk"]
-_gemm_large_m = triton.autotune(configs=_LARGE_M_CONFIGS, key=_KEY)(_lowrank_gemm_kernel)
-_gemm_small_m = triton.autotune(configs=_SMALL_M_CONFIGS, key=_KEY)(_lowrank_gemm_kernel)
-
 # Beyond 16k rows the grid fills an H100 many times over and the best tile no longer depends on M.
 _M_BUCKET_MAX = 1 << 14
-# The in-loop fusion holds a·p in registers; beyond 64 rank columns ((128 × 64) fp32 = 64 registers
-# per thread at 4 warps) it would crowd out the main accumulator, so wider ranks take the shrink pass.
-_R_BLOCK_MAX = 64
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose K-loop buffers alone overflow shared memory, before anything compiles."""
+    elem = named_args["a_ptr"].element_size()
+    limit = current_smem_limit()
+    fit = [c for c in configs if gemm_smem_bytes(c, elem, kwargs["R_BLOCK"], kwargs["SHRINK_PASS"]) <= limit]
+    return fit or [min(configs, key=lambda c: gemm_smem_bytes(c, elem, kwargs["R_BLOCK"], kwargs["SHRINK_PASS"]))]
+
+
+# stride_wk tells W0ᵀ (forward, K-contiguous) from W0 (dX, N-contiguous): different best tiles.
+# The dtypes of the tensor arguments join the key automatically.
+_KEY = ["M_BUCKET", "N", "K", "R_BLOCK", "SHRINK_PASS", "HAS_BIAS", "PRECISION", "stride_wk"]
+_TUNED = {
+    (small, elem): triton.autotune(configs=cfgs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+        _lowrank_gemm_kernel)
+    for (small, elem), cfgs in {(True, 2): _SMALL_M_16BIT, (True, 4): _SMALL_M_TF32,
+                                (False, 2): _LARGE_M_16BIT, (False, 4): _LARGE_M_TF32}.items()
+}
+
+# ------------------------------------------------------------------------------------------------
+# The shrink pass or the in-loop fusion
+# ------------------------------------------------------------------------------------------------
 # Shrink pass when R_PAD/256 (in-loop extra MMA at BLOCK_N = 256) exceeds ≈ 230/N (one more read of
 # the input, H100: 679 TFLOP/s ÷ 3 TB/s), i.e. R_PAD·N > 2¹⁶ ...
 _SHRINK_MIN_RN = 1 << 16
@@ -194,112 +239,116 @@ _SHRINK_MIN_RN = 1 << 16
 _SHRINK_MIN_M = 1024
 
 
-def _rank_blocks(R: int) -> tuple[int, int]:
-    """(R_PAD, R_BLOCK): the rank padded to tl.dot's minimum of 16 (masked), and its chunk size.
-
-    int(R) specialises a symbolic rank under torch.compile: R_BLOCK is a compile-time constant.
-    """
-    r_pad = max(16, triton.next_power_of_2(int(R)))
-    return r_pad, min(r_pad, _R_BLOCK_MAX)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _check_dtype(x: torch.Tensor) -> None:
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"the triton backend supports float32, float16 and bfloat16, got x of dtype {x.dtype}; "
-                        f"use backend='reference' (or 'cpu') for {x.dtype}")
-
-
 def _prefers_shrink_pass(M: int, N: int, R: int) -> bool:
     """The cost model above: True where one shrink pass is predicted cheaper than the in-loop fusion."""
-    r_pad, _ = _rank_blocks(R)
+    r_pad, _ = rank_blocks(R)
     return bool(r_pad * N > _SHRINK_MIN_RN and M >= _SHRINK_MIN_M)
 
 
-def _shrink_first(M: int, N: int, R: int, forced: bool | None) -> bool:
-    """Whether a·p comes from a shrink pass: forced (benchmarks) or by the cost model, and always
+def uses_shrink_pass(M: int, N: int, R: int, forced: bool | None) -> bool:
+    """Whether proj comes from a shrink pass: forced (benchmarks) or by the cost model, and always
     when N == 0 (no output tile to compute it in) or the rank exceeds the in-loop register budget."""
-    r_pad, r_block = _rank_blocks(R)
+    r_pad, r_block = rank_blocks(R)
     if N == 0 or r_pad > r_block:
         return True
-    return _prefers_shrink_pass(M, N, R) if forced is None else forced
+    return _prefers_shrink_pass(M, N, R) if forced is None else bool(forced)
 
 
-def _fixed_gemm_config(M: int, dtype: torch.dtype, interpreted: bool) -> triton.Config:
-    if interpreted:  # one small tile: autotuning is pointless under TRITON_INTERPRET=1, and 32 still
-        return _cfg(32, 32, 32, 1, 4, group_m=2)  # gives several tiles and K steps on test shapes
-    if M <= _SMALL_M:
-        return _SMALL_M_CONFIGS[1]
-    # 128×128×64 at 4 stages is 136 KiB in bf16; fp32 halves BLOCK_K and drops a stage to fit.
-    return _cfg(128, 128, 64, 4, 8) if dtype != torch.float32 else _cfg(128, 128, 32, 3, 8)
-
-
-def shrink(a: torch.Tensor, p: torch.Tensor, lr: torch.Tensor) -> None:
-    """lr = a·p, for an (M × K) a, (K × R) p and (M × R) lr, all given by strides."""
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+def shrink(a: torch.Tensor, p: torch.Tensor, proj: torch.Tensor) -> None:
+    """proj = a·p, for an (M × K) a, (K × R) p and (M × R) proj, all given by strides."""
     M, K = a.shape
     R = p.shape[1]
-    _, r_block = _rank_blocks(R)
+    _, r_block = rank_blocks(R)
     # 32 rows × 128 k (8 KiB bf16) per stage at 4 stages keeps 32 KiB of a in flight per SM, and
     # M/32 programs fill an H100 from a few thousand rows (the shrink pass is only picked at M ≥ 1k).
-    block_m, block_k, stages = (32, 32, 1) if a.device.type == "cpu" else (32, 128, 4)
+    # fp32: half the k per step for the same bytes.
+    if is_interpreted(a):
+        block_m, block_k, stages = 32, 32, 1
+    else:
+        block_m, block_k, stages = 32, 128 // (a.element_size() // 2), 4
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, r_block))
-    wrap_triton(_shrink_kernel)[grid](
-        a, p, lr, M, K, R,
-        a.stride(0), a.stride(1), p.stride(0), p.stride(1), lr.stride(0), lr.stride(1),
-        PRECISION=_precision(a.dtype), R_BLOCK=r_block, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=4, num_stages=stages,
-    )
+    launch(_shrink_kernel, grid, (
+        a, p, proj, M, K, R,
+        a.stride(0), a.stride(1), p.stride(0), p.stride(1), proj.stride(0), proj.stride(1),
+    ), dict(PRECISION=precision(a.dtype), R_BLOCK=r_block, BLOCK_M=block_m, BLOCK_K=block_k,
+            num_warps=4, num_stages=stages))
 
 
-def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, lr, scale: float, fuse_shrink: bool) -> None:
+def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_pass: bool) -> None:
     """out = a·w + bias + scale·((a·p) ⊙ C[task_ids])·qᵀ, row by row.
 
-    a (M × K), w (K × N), p (K × R), q (N × R), out (M × N), lr (M × R) are given by strides (views
-    such as weight.t() cost nothing). With fuse_shrink the kernel writes lr = a·p; without, it
-    reads lr, which `shrink` must have written.
+    a (M × K), w (K × N), p (K × R), q (N × R), bias (N), out (M × N), proj (M × R) are given by
+    strides (views such as weight.t() or a strided bias cost nothing). Without shrink_pass the
+    kernel writes proj = a·p; with it, it reads proj, which `shrink` must have written.
     """
     M, K = a.shape
     N = w.shape[1]
     R = p.shape[1]
     if M == 0 or N == 0:
         return
-    r_pad, r_block = _rank_blocks(R)
-    if fuse_shrink and r_pad > r_block:
+    r_pad, r_block = rank_blocks(R)
+    if not shrink_pass and r_pad > r_block:
         raise ValueError(f"the in-loop fusion holds at most {r_block} rank columns, got r={R}; use the shrink pass")
     args = (
-        a, w, p, q, C, task_ids, bias if bias is not None else out, out, lr,
+        a, w, p, q, C, task_ids, bias if bias is not None else out, out, proj,
         M, N, K, R, C.shape[0], scale,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        C.stride(0), C.stride(1), task_ids.stride(0), out.stride(0), out.stride(1), lr.stride(0), lr.stride(1),
-        min(triton.next_power_of_2(M), _M_BUCKET_MAX),
+        C.stride(0), C.stride(1), task_ids.stride(0), bias.stride(0) if bias is not None else 0,
+        out.stride(0), out.stride(1), proj.stride(0), proj.stride(1),
+        max(16, min(triton.next_power_of_2(M), _M_BUCKET_MAX)),
     )
-    meta = dict(HAS_BIAS=bias is not None, FUSE_SHRINK=fuse_shrink, PRECISION=_precision(a.dtype), R_BLOCK=r_block)
-    interpreted = a.device.type == "cpu"  # Triton runs CPU tensors only under TRITON_INTERPRET=1
-    if interpreted or torch.are_deterministic_algorithms_enabled():
-        cfg = _fixed_gemm_config(M, a.dtype, interpreted)
-        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
-        wrap_triton(_lowrank_gemm_kernel)[grid](*args, **meta, **cfg.kwargs,
-                                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return
-    kernel = _gemm_small_m if M <= _SMALL_M else _gemm_large_m
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(kernel)[grid](*args, **meta)
+    meta = dict(HAS_BIAS=bias is not None, SHRINK_PASS=shrink_pass, PRECISION=precision(a.dtype), R_BLOCK=r_block)
+
+    def grid_of(cfg):
+        return triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+
+    if is_interpreted(a):
+        cfg = _INTERPRETER_CONFIG
+    else:
+        small, elem = M <= _SMALL_M, 4 if a.dtype == torch.float32 else 2
+        cfg = _FIXED[small, elem]
+        if not torch.are_deterministic_algorithms_enabled():
+            tuned = _TUNED[small, elem]
+            named = dict(zip(_lowrank_gemm_kernel.arg_names, args), **meta)
+            launch_tuned(tuned, _lowrank_gemm_kernel, cfg, grid_of, args, meta, tune_key(tuned, named, _KEY))
+            return
+    # One fixed config: the summation order (and every bit) is the same in every process.
+    launch(_lowrank_gemm_kernel, (grid_of(cfg.kwargs),), args, {**meta, **cfg.all_kwargs()})
+
+
+def _cublas_fwd(x, weight, bias, A, B, C, task_ids, scale: float):
+    """fp32 without tf32 (see common.uses_cublas): the same op in torch, with the same id masking."""
+    u = x @ B.to(x.dtype)
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_(u * masked_task_rows(C, task_ids).to(x.dtype), A.to(x.dtype).t(), alpha=scale)
+    return y, u
+
+
+def masked_task_rows(C: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """C[task_ids] with zero rows where the id is outside [0, T) (-1: no adapter)."""
+    T = C.shape[0]
+    if T == 0:
+        return C.new_zeros(task_ids.shape[0], C.shape[1])
+    ok = (task_ids >= 0) & (task_ids < T)
+    return C[task_ids.clamp(0, T - 1)] * ok[:, None].to(C.dtype)
 
 
 def cp_linear_fwd(x, weight, bias, A, B, C, task_ids, scale: float, *, shrink_pass: bool | None = None):
     """(y, u) for 2-D inputs already validated by ops.py; `shrink_pass` forces the fusion (benchmarks)."""
-    _check_dtype(x)
+    check_dtype(x)
     M = x.shape[0]
     d_out, r = weight.shape[0], A.shape[1]
+    if uses_cublas(x):
+        return _cublas_fwd(x, weight, bias, A, B, C, task_ids, scale)
     y = x.new_empty(M, d_out)
     u = x.new_empty(M, r)
     if M == 0:
         return y, u
-    use_shrink = _shrink_first(M, d_out, r, shrink_pass)
+    use_shrink = uses_shrink_pass(M, d_out, r, shrink_pass)
     if use_shrink:
         shrink(x, B, u)
-    lowrank_gemm(x, weight.t(), B, A, C, task_ids, bias, y, u, scale, fuse_shrink=not use_shrink)
+    lowrank_gemm(x, weight.t(), B, A, C, task_ids, bias, y, u, scale, shrink_pass=use_shrink)
     return y, u
