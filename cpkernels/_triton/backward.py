@@ -179,6 +179,19 @@ _MAX_SPLITS = 64
 _SUM_BLOCK = 1024
 
 
+def _reduce_config(x) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, BLOCK_T, stages, warps) of the row reductions.
+
+    64 rows × 256 bytes of columns (128 bf16, 64 fp32) per step, 3 stages: enough bytes in flight
+    per program. 8 warps: at 4 the (BLOCK_D × r_block) accumulator, the transposed tile and the
+    pipeline need more than 255 registers (the AOT gate measured 40–872 bytes of spills at r = 64
+    and at K = 59). BLOCK_T = 16 is tl.dot's minimum.
+    """
+    if is_interpreted(x):
+        return 32, 32, 16, 1, 4
+    return 64, 256 // x.element_size(), 16, 3, 8
+
+
 def _rows_per_split(M: int, r: int, block_m: int) -> int:
     r_pad, _ = rank_blocks(r)
     n_split = min(triton.cdiv(M, max(_MIN_SPLIT_ROWS, _ROWS_PER_RANK * r_pad)), _MAX_SPLITS)
@@ -237,13 +250,7 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
     if not (need_dA or need_dB or need_dC or need_db):
         return dx, dA, dB, dC, db
 
-    # 64 rows × 128 columns (16 KiB of bf16) per step, 3 stages: enough bytes in flight per program,
-    # and the (128 × r) fp32 accumulator stays small. BLOCK_T = 16 is tl.dot's minimum. tf32: 64
-    # columns, the same bytes per step.
-    if is_interpreted(x):
-        block_m, block_d, block_t, stages = 32, 32, 16, 1
-    else:
-        block_m, block_d, block_t, stages = 64, 128 // (x.element_size() // 2), 16, 3
+    block_m, block_d, block_t, stages, warps = _reduce_config(x)
     _, r_block = rank_blocks(r)
     rows = _rows_per_split(M, r, block_m)
     n_split = triton.cdiv(M, rows)
@@ -266,7 +273,7 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
             grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), u.stride(0), u.stride(1),
             g_arg.stride(0), g_arg.stride(-1), C.stride(0), C.stride(1), task_ids.stride(0),
         ), dict(COLSUM=need_db, PRECISION=precision(x.dtype), R_BLOCK=r_block, BLOCK_M=block_m,
-                BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4, num_stages=stages))
+                BLOCK_D=block_d, BLOCK_T=block_t, num_warps=warps, num_stages=stages))
 
     sizes = [t.numel() for t in (dA, db, dB, dC)]
     n_blocks = sum(triton.cdiv(n, _SUM_BLOCK) for n in sizes)

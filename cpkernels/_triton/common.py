@@ -69,6 +69,15 @@ def is_interpreted(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def vector_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether Triton will know every row of these 2-D operands starts 16-byte aligned: it
+    specialises integer arguments on divisibility by 16 (elements), so a stride must be a multiple
+    of 16 and the start 16-byte aligned (storage_offset: torch's allocator aligns the storage, and
+    data_ptr() is not available on fake tensors under torch.compile)."""
+    return all((t.storage_offset() * t.element_size()) % 16 == 0 and all(s % 16 == 0 or s == 1 for s in t.stride())
+               for t in tensors)
+
+
 def config(bm, bn, bk, stages, warps, group_m=8) -> triton.Config:
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m),
                          num_stages=stages, num_warps=warps)
@@ -85,8 +94,15 @@ def gemm_smem_bytes(cfg: triton.Config, elem_bytes: int, r_block: int, shrink_pa
     return cfg.num_stages * per_stage * elem_bytes
 
 
+# Set by the AOT gate to the architecture it compiles for (meta tensors have no device to ask).
+TARGET_SMEM_LIMIT: int | None = None
+TARGET_ARCH: int = 90
+
+
 def current_smem_limit() -> int:
-    """The device's opt-in shared memory per block, or Hopper's when there is no device (AOT)."""
+    """The device's opt-in shared memory per block, or Hopper's when there is no device."""
+    if TARGET_SMEM_LIMIT is not None:
+        return TARGET_SMEM_LIMIT
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         limit = getattr(props, "shared_memory_per_block_optin", 0)

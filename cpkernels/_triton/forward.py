@@ -45,8 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import (check_dtype, config, current_smem_limit, gemm_smem_bytes, is_interpreted, launch, launch_tuned,
-                     precision, rank_blocks, tune_key, uses_cublas)
+                     precision, rank_blocks, tune_key, uses_cublas, vector_aligned)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -163,6 +164,89 @@ def _shrink_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
+# The Hopper GEMM: TMA descriptors and a persistent grid (sm_90, 16-bit, M > 64)
+# ------------------------------------------------------------------------------------------------
+# Prediction, written before it was built (no GPU yet; bench/ measures it, `python -m
+# cpkernels._triton.aot` proves it compiles to wgmma + cp.async.bulk.tensor for sm_90):
+#   * GEMM alone (no rank-r work) at M = 8192, d = 4096, bf16: 1.05–1.11× cuBLAS time. Tutorial 09's
+#     TMA + persistent kernel reaches 0.92–0.97× cuBLAS throughput on H100 with warp specialisation
+#     and a split epilogue; this one has neither (they need triton ≥ 3.4-only features and the
+#     device runs 3.6 but the kernel must also build on older minors), so its epilogue (a 64 KiB
+#     tile store, ~2 µs of a ~20 µs tile at K = 4096) is not hidden: about 3–5% more.
+#   * llm forward (r = 16, in-loop): + 6.25% MMA for a·p (R_BLOCK/BLOCK_N = 16/256) on the tensor
+#     cores, and the p tile comes through pointer loads (1 KiB per K step, L2-resident): 1.10–1.18×
+#     cuBLAS's x·W0ᵀ, against 1.09–1.70× for the pointer kernel (BENCHMARKS.md).
+#   * The persistent grid (one CTA per SM, tiles in grouped order) removes the wave quantisation of
+#     the pointer kernel: 8192×4096 is 32×16 = 512 tiles of 128×256, 3.9 waves of 132 → at most 2% idle.
+# Why TMA: the pointer kernel spends 200–246 registers on address arithmetic and masks; TMA moves
+# tiles with one thread, zero-fills the edges (no masks, no wrap-around) and frees registers for
+# the 128×256 fp32 accumulator (128 registers per thread at 8 warps).
+@triton.jit
+def _tma_gemm_kernel(
+    a_desc, w_desc, out_desc, p_ptr, q_ptr, c_ptr, t_ptr, bias_ptr, proj_ptr,
+    M, N, K, R, T, scale, num_programs,
+    stride_pk, stride_pr, stride_qn, stride_qr, stride_ct, stride_cr, stride_t, stride_bias,
+    stride_projm, stride_projr,
+    HAS_BIAS: tl.constexpr, SHRINK_PASS: tl.constexpr, W_IS_NK: tl.constexpr, PRECISION: tl.constexpr,
+    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The same op as _lowrank_gemm_kernel; a, w and out move through TMA descriptors.
+
+    w is described as stored: (N × K) when W_IS_NK (the forward's W0, read transposed), else (K × N).
+    Each program walks tiles pid, pid + num_programs, ... (persistent grid).
+    """
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    ks = tl.arange(0, BLOCK_K)
+    rk = tl.arange(0, R_BLOCK)
+    for tile in range(tl.program_id(0), grid_m * grid_n, num_programs):
+        pid_m, pid_n = tl.swizzle2d(tile // grid_n, tile % grid_n, grid_m, grid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        proj = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+        # TMA zero-fills rows ≥ M and k ≥ K: the loop needs no masks.
+        for k in range(0, k_steps):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            if W_IS_NK:
+                w = w_desc.load([off_n, k * BLOCK_K]).T
+            else:
+                w = w_desc.load([k * BLOCK_K, off_n])
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            if not SHRINK_PASS:  # p (K × r) is small and L2-resident: pointer loads, no descriptor
+                kk = k * BLOCK_K + ks
+                p = tl.load(p_ptr + kk.to(tl.int64)[:, None] * stride_pk + rk[None, :] * stride_pr,
+                            mask=(kk[:, None] < K) & (rk[None, :] < R), other=0.0)
+                proj = tl.dot(a, p.to(a.dtype), proj, input_precision=PRECISION)
+
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        rows_in = tl.where(row_ok, rows, 0).to(tl.int64)
+        cols_in = tl.where(cols < N, cols, 0).to(tl.int64)
+        task = tl.load(t_ptr + rows_in * stride_t)
+        task_ok = row_ok & (task >= 0) & (task < T)
+        if SHRINK_PASS:
+            for r0 in tl.range(0, R, R_BLOCK, num_stages=1):
+                rr = r0 + rk
+                proj_chunk = tl.load(proj_ptr + rows_in[:, None] * stride_projm + rr[None, :] * stride_projr,
+                                     mask=rr[None, :] < R, other=0.0)
+                acc = _add_lowrank(acc, proj_chunk, c_ptr, q_ptr, task, task_ok, rr, cols_in, R, scale,
+                                   stride_ct, stride_cr, stride_qn, stride_qr, out_desc.dtype, PRECISION)
+        else:
+            acc = _add_lowrank(acc, proj, c_ptr, q_ptr, task, task_ok, rk, cols_in, R, scale,
+                               stride_ct, stride_cr, stride_qn, stride_qr, out_desc.dtype, PRECISION)
+            if pid_n == 0:
+                tl.store(proj_ptr + rows_in[:, None] * stride_projm + rk[None, :] * stride_projr,
+                         proj.to(proj_ptr.dtype.element_ty), mask=row_ok[:, None] & (rk[None, :] < R))
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols_in * stride_bias).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))  # TMA drops rows ≥ M, columns ≥ N
+
+
+# ------------------------------------------------------------------------------------------------
 # Tile configs
 # ------------------------------------------------------------------------------------------------
 # 16-bit, M > 64: compute bound. Wide Hopper tiles first (128×256×64, 3 stages = 144 KiB of K-loop
@@ -172,7 +256,7 @@ _LARGE_M_16BIT = [
     config(128, 256, 64, 3, 8),
     config(256, 128, 64, 3, 8),
     config(128, 128, 64, 4, 8),
-    config(128, 128, 64, 4, 4),
+    config(128, 128, 64, 3, 4),
     config(64, 128, 64, 4, 4),
 ]
 # tf32, M > 64: fp32 tiles take twice the bytes, so BLOCK_K halves (32 fp32 = 128 bytes, one full
@@ -200,13 +284,44 @@ _SMALL_M_TF32 = [
     config(32, 64, 64, 4, 4, group_m=1),
     config(64, 64, 64, 3, 4, group_m=1),
 ]
-# Fixed configs (deterministic mode, CUDA-graph capture of an untuned key): the safest of each list.
-_FIXED = {(True, 2): _SMALL_M_16BIT[1], (True, 4): _SMALL_M_TF32[1],
-          (False, 2): _LARGE_M_16BIT[2], (False, 4): _LARGE_M_TF32[1]}
+# Unaligned operands (a row stride not a multiple of 16 elements, e.g. K = 59): Triton cannot
+# vectorise the loads or use cp.async, so every element passes through registers. BLOCK_K = 32 and
+# 8 warps for the wide tiles keep that under 255 registers; the AOT gate measured 136–1,160 bytes
+# of spills for the aligned lists' tiles on such shapes.
+_LARGE_M_UNALIGNED = [
+    config(128, 128, 32, 3, 8),
+    config(64, 128, 32, 3, 8),
+    config(128, 64, 32, 3, 8),
+    config(64, 64, 32, 3, 4),
+]
+_SMALL_M_UNALIGNED = [
+    config(16, 64, 32, 3, 4, group_m=1),
+    config(16, 32, 64, 3, 4, group_m=1),
+    config(32, 64, 32, 3, 4, group_m=1),
+]
+# (M ≤ 64, bytes per element, aligned) -> the autotuner's configs, and the fixed config used in
+# deterministic mode (and by a CUDA-graph capture that meets an untuned key): a safe middle tile.
+_CONFIGS = {
+    (False, 2, True): _LARGE_M_16BIT, (False, 4, True): _LARGE_M_TF32,
+    (True, 2, True): _SMALL_M_16BIT, (True, 4, True): _SMALL_M_TF32,
+    (False, 2, False): _LARGE_M_UNALIGNED, (False, 4, False): _LARGE_M_UNALIGNED,
+    (True, 2, False): _SMALL_M_UNALIGNED, (True, 4, False): _SMALL_M_UNALIGNED,
+}
+_FIXED = {
+    (False, 2, True): _LARGE_M_16BIT[2], (False, 4, True): _LARGE_M_TF32[1],
+    (True, 2, True): _SMALL_M_16BIT[1], (True, 4, True): _SMALL_M_TF32[1],
+    (False, 2, False): _LARGE_M_UNALIGNED[0], (False, 4, False): _LARGE_M_UNALIGNED[0],
+    (True, 2, False): _SMALL_M_UNALIGNED[0], (True, 4, False): _SMALL_M_UNALIGNED[0],
+}
 # The interpreter: one small tile (autotuning is pointless there) that still gives several tiles
 # and K steps on test shapes.
 _INTERPRETER_CONFIG = config(32, 32, 32, 1, 4, group_m=2)
 _SMALL_M = 64
+# The shrink pass's epilogue adds the rank-r term in chunks of 32 columns: at 64 the (64 × BLOCK_N)
+# q chunk and the (BLOCK_M × 64) v chunk next to the 128×256 accumulator spilled 8–40 bytes in
+# bf16/fp16 (AOT gate, sm_90); 32 costs nothing but a second loop trip (the MMA K of 32 is still
+# two wgmma steps).
+_EPILOGUE_R_BLOCK = 32
 # Beyond 16k rows the grid fills an H100 many times over and the best tile no longer depends on M.
 _M_BUCKET_MAX = 1 << 14
 
@@ -222,12 +337,8 @@ def _prune(configs, named_args, **kwargs):
 # stride_wk tells W0ᵀ (forward, K-contiguous) from W0 (dX, N-contiguous): different best tiles.
 # The dtypes of the tensor arguments join the key automatically.
 _KEY = ["M_BUCKET", "N", "K", "R_BLOCK", "SHRINK_PASS", "HAS_BIAS", "PRECISION", "stride_wk"]
-_TUNED = {
-    (small, elem): triton.autotune(configs=cfgs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-        _lowrank_gemm_kernel)
-    for (small, elem), cfgs in {(True, 2): _SMALL_M_16BIT, (True, 4): _SMALL_M_TF32,
-                                (False, 2): _LARGE_M_16BIT, (False, 4): _LARGE_M_TF32}.items()
-}
+_TUNED = {key: triton.autotune(configs=cfgs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _lowrank_gemm_kernel) for key, cfgs in _CONFIGS.items()}
 
 # ------------------------------------------------------------------------------------------------
 # The shrink pass or the in-loop fusion
@@ -277,12 +388,84 @@ def shrink(a: torch.Tensor, p: torch.Tensor, proj: torch.Tensor) -> None:
             num_warps=4, num_stages=stages))
 
 
-def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_pass: bool) -> None:
+# The TMA kernel's tile: 128×256×64 at 3 stages is 144 KiB of K-loop buffers plus a 64 KiB output
+# staging tile for the TMA store (208 KiB of the 227 KiB); two warpgroups share the 128×256 fp32
+# accumulator (128 registers per thread). One fixed config: host descriptors carry the block shape,
+# so autotuning would need per-config descriptors; and a fixed config is deterministic and safe
+# inside CUDA-graph capture.
+_TMA_CONFIG = config(128, 256, 64, 3, 8)
+# Under the interpreter (tests): small tiles, and few "SMs" so that each program walks several tiles.
+_TMA_INTERPRETER_CONFIG = config(32, 32, 32, 1, 4, group_m=2)
+_TMA_INTERPRETER_SMS = 3
+# H100 SXM and H200 both have 132 SMs; the AOT gate has no device to ask.
+_AOT_SMS = 132
+
+
+def tma_supported() -> bool:
+    """This triton has host-side tensor descriptors (3.4+; the device runs 3.6)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _tma_w_layout(a, w, out) -> bool | None:
+    """W_IS_NK for the TMA kernel, or None when an operand cannot be described: TMA needs a unit
+    last stride, 16-byte aligned other strides and a 16-byte aligned start."""
+    def rows_ok(t):
+        return t.stride(1) == 1 and vector_aligned(t) and (t.stride(0) * t.element_size()) % 16 == 0
+    if not (rows_ok(a) and rows_ok(out)):
+        return None
+    if rows_ok(w):
+        return False
+    if rows_ok(w.t()):
+        return True
+    return None
+
+
+def _wants_tma(a, w, out, M: int) -> bool:
+    """The automatic choice: large-M 16-bit GEMMs on sm_90, in eager mode."""
+    if is_interpreted(a) or M <= _SMALL_M or a.element_size() != 2 or not tma_supported():
+        return False
+    if torch.compiler.is_compiling():  # host descriptors under torch.compile need a newer torch than the device's
+        return False
+    arch = common.TARGET_ARCH if a.device.type == "meta" else (
+        torch.cuda.get_device_capability(a.device)[0] * 10 if a.device.type == "cuda" else 0)
+    return arch == 90 and _tma_w_layout(a, w, out) is not None
+
+
+def _launch_tma(a, w, out, w_is_nk: bool, args_tail: tuple, meta: dict) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = out.shape[1]
+    cfg = _TMA_INTERPRETER_CONFIG if is_interpreted(a) else _TMA_CONFIG
+    bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    wt = w.t() if w_is_nk else w
+    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
+    w_desc = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [bn, bk] if w_is_nk else [bk, bn])
+    out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
+    if is_interpreted(a):
+        sms = _TMA_INTERPRETER_SMS
+    elif a.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    else:
+        sms = _AOT_SMS
+    programs = min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    launch(_tma_gemm_kernel, (programs,), (a_desc, w_desc, out_desc, *args_tail[:12], programs, *args_tail[12:]),
+           {**meta, "W_IS_NK": w_is_nk, **cfg.all_kwargs()})
+
+
+def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_pass: bool,
+                 tma: bool | None = None) -> None:
     """out = a·w + bias + scale·((a·p) ⊙ C[task_ids])·qᵀ, row by row.
 
     a (M × K), w (K × N), p (K × R), q (N × R), bias (N), out (M × N), proj (M × R) are given by
     strides (views such as weight.t() or a strided bias cost nothing). Without shrink_pass the
     kernel writes proj = a·p; with it, it reads proj, which `shrink` must have written.
+    `tma`: None picks the TMA kernel where it applies (sm_90, 16-bit, M > 64, describable operands);
+    True forces it (tests, under the interpreter), False the pointer kernel.
     """
     M, K = a.shape
     N = w.shape[1]
@@ -292,6 +475,8 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
     r_pad, r_block = rank_blocks(R)
     if not shrink_pass and r_pad > r_block:
         raise ValueError(f"the in-loop fusion holds at most {r_block} rank columns, got r={R}; use the shrink pass")
+    if shrink_pass:  # the epilogue's rank chunks: see _EPILOGUE_R_BLOCK
+        r_block = min(r_block, _EPILOGUE_R_BLOCK)
     args = (
         a, w, p, q, C, task_ids, bias if bias is not None else out, out, proj,
         M, N, K, R, C.shape[0], scale,
@@ -301,6 +486,18 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
         max(16, min(triton.next_power_of_2(M), _M_BUCKET_MAX)),
     )
     meta = dict(HAS_BIAS=bias is not None, SHRINK_PASS=shrink_pass, PRECISION=precision(a.dtype), R_BLOCK=r_block)
+    if tma or (tma is None and _wants_tma(a, w, out, M)):
+        w_is_nk = _tma_w_layout(a, w, out)
+        if w_is_nk is None:
+            raise ValueError(f"the TMA kernel needs unit last strides and 16-byte aligned rows; got a {a.stride()}, "
+                             f"w {w.stride()}, out {out.stride()}")
+        _launch_tma(a, w, out, w_is_nk, (
+            p, q, C, task_ids, bias if bias is not None else out, proj,
+            M, N, K, R, C.shape[0], scale,
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), C.stride(0), C.stride(1), task_ids.stride(0),
+            bias.stride(0) if bias is not None else 0, proj.stride(0), proj.stride(1),
+        ), meta)
+        return
 
     def grid_of(cfg):
         return triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
@@ -308,10 +505,10 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
     if is_interpreted(a):
         cfg = _INTERPRETER_CONFIG
     else:
-        small, elem = M <= _SMALL_M, 4 if a.dtype == torch.float32 else 2
-        cfg = _FIXED[small, elem]
+        which = (M <= _SMALL_M, a.element_size(), vector_aligned(a, w, out))
+        cfg = _FIXED[which]
         if not torch.are_deterministic_algorithms_enabled():
-            tuned = _TUNED[small, elem]
+            tuned = _TUNED[which]
             named = dict(zip(_lowrank_gemm_kernel.arg_names, args), **meta)
             launch_tuned(tuned, _lowrank_gemm_kernel, cfg, grid_of, args, meta, tune_key(tuned, named, _KEY))
             return
