@@ -54,14 +54,14 @@ def _expected(a, w, p, q, C, t, b):
     return out, proj
 
 
-def _run_gemm(ops, dtype, shrink_pass, tma):
+def _run_gemm(ops, dtype, shrink_pass, tma, split_k=None):
     a, w, p, q, C, t, b = ops
     M, N, R = a.shape[0], w.shape[1], p.shape[1]
     out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
     proj = torch.full((M, R), float("nan"), dtype=torch.float32, device=DEVICE)
     if shrink_pass:
         forward.shrink(a, p, proj)
-    forward.lowrank_gemm(a, w, p, q, C, t, b, out, proj, SCALE, shrink_pass=shrink_pass, tma=tma)
+    forward.lowrank_gemm(a, w, p, q, C, t, b, out, proj, SCALE, shrink_pass=shrink_pass, tma=tma, split_k=split_k)
     return out, proj
 
 
@@ -93,6 +93,29 @@ def test_tma_kernel_under_the_interpreter(M, K, N, R, shrink_pass, w_is_nk, dtyp
     torch.testing.assert_close(out.double().cpu(), want_out, rtol=tol, atol=tol)
     if not shrink_pass:
         torch.testing.assert_close(proj.double().cpu(), want_proj, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,K,N,R,shrink_pass,split_k", [
+    (7, 130, 59, 3, False, 3),   # decode: odd sizes, K split into 3 ranges of whole K steps
+    (40, 97, 64, 17, True, 2),   # rows over two row blocks, shrink pass
+    (16, 64, 96, 70, True, 4),   # r > 64 in the epilogue's rank chunks; 2 K steps → only 2 splits
+])
+def test_split_k_decode_under_the_interpreter(M, K, N, R, shrink_pass, split_k):
+    """The decode path: partials per K range summed in split order, then the rank-r term and bias."""
+    ops = _operands(M, K, N, R, torch.float32, w_is_nk=True)
+    out, proj = _run_gemm(ops, torch.float32, shrink_pass, False, split_k)
+    want_out, want_proj = _expected(*ops)
+    torch.testing.assert_close(out.double().cpu(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(proj.double().cpu(), want_proj, rtol=1e-5, atol=1e-5)
+    again, _ = _run_gemm(ops, torch.float32, shrink_pass, False, split_k)
+    assert torch.equal(out, again)  # a fixed summation order: the same bits
+
+
+def test_split_count_fills_the_sms():
+    # decode at d = 4096 on 132 SMs: 64 column tiles → 5 splits, ≥ 264 programs
+    assert forward._split_count(16, 4096, 4096, 132, 16) * 64 >= 2 * 132
+    assert forward._split_count(16, 4096, 200, 132, 16) == 1  # K too short to split
+    assert forward._split_count(64, 32768, 4096, 132, 64) == 1  # 512 column tiles already fill it
 
 
 def test_tma_refuses_operands_it_cannot_describe():

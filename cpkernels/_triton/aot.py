@@ -100,20 +100,36 @@ def _torch_flags(allow_tf32: bool, deterministic: bool):
         torch.use_deterministic_algorithms(old[1])
 
 
-def _meta_inputs(M, d_in, d_out, r, T, dtype):
-    e = lambda *s, dt=dtype: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
+def _inputs(M, d_in, d_out, r, T, dtype, device):
+    if device == "meta":
+        e = lambda *s, dt=dtype: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
+        ids = e(M, dt=torch.int64)
+    else:
+        e = lambda *s, dt=dtype: torch.randn(*s, device=device).to(dt)  # noqa: E731
+        ids = torch.randint(-1, T, (M,), device=device)
     return dict(x=e(M, d_in), weight=e(d_out, d_in), bias=e(d_out), A=e(d_out, r), B=e(d_in, r), C=e(T, r),
-                task_ids=e(M, dt=torch.int64))
+                task_ids=ids)
 
 
-def trace(shape: str, dtype_name: str, mode: str, arch: int) -> tuple[list[Launch], bool]:
-    """The launches the forward and the full backward make; and whether torch (cuBLAS) took the op."""
+def trace(shape: str, dtype_name: str, mode: str, arch: int, device: str = "meta") -> tuple[list[Launch], bool]:
+    """The launches the forward and the full backward make; and whether torch (cuBLAS) took the op.
+
+    On "meta" nothing runs. On "cuda" (--device) every launch also runs, and an autotuned launch
+    records the one config the autotuner picked (as its only config, never pruned).
+    """
     M, d_in, d_out, r, T = SHAPES[shape]
     dtype, allow_tf32 = DTYPES[dtype_name]
     launches: list[Launch] = []
 
     def record(direction):
         def rec(kernel, grid, args, kwargs):
+            if device != "meta":
+                from torch.library import wrap_triton
+                wrap_triton(kernel)[grid](*args, **kwargs)
+                if isinstance(kernel, triton.runtime.Autotuner):
+                    picked = kernel.best_config
+                    kernel = kernel.fn
+                    kwargs = dict(kwargs, **picked.all_kwargs())
             fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
             named = dict(zip(fn.arg_names, args))
             if isinstance(kernel, triton.runtime.Autotuner):
@@ -128,12 +144,13 @@ def trace(shape: str, dtype_name: str, mode: str, arch: int) -> tuple[list[Launc
                                    args, dict(kwargs), configs, is_gemm and tma_expected))
         return rec
 
-    inp = _meta_inputs(M, d_in, d_out, r, T, dtype)
+    inp = _inputs(M, d_in, d_out, r, T, dtype, device)
     # 16-byte rows: 8 elements of 16 bits.
     tma_expected = (arch == 90 and dtype_name in SIXTEEN_BIT and M > forward._SMALL_M and d_in % 8 == 0
                     and d_out % 8 == 0 and forward.tma_supported())
     old = common.TARGET_SMEM_LIMIT, common.TARGET_ARCH
-    common.TARGET_SMEM_LIMIT, common.TARGET_ARCH = common.SMEM_LIMIT[arch], arch
+    if device == "meta":
+        common.TARGET_SMEM_LIMIT, common.TARGET_ARCH = common.SMEM_LIMIT[arch], arch
     try:
         with _torch_flags(allow_tf32, mode == "deterministic"):
             with common.recording(record("fwd")):
@@ -308,6 +325,29 @@ def run_gate(arch: int, shapes, dtypes, modes, jobs: int = 1, out=sys.stdout) ->
     return not failures, rows
 
 
+def check_device(arch: int, shapes, dtypes, rows: list[dict], out=sys.stdout) -> bool:
+    """On a GPU: run the same launches for real (autotuned) and check that every config the
+    autotuner picked, and every fixed config, is one the gate passed for that launch path."""
+    ok_configs = {(r["path"], r["kernel"], r["config"]) for r in rows if r.get("status") == "ok"}
+    failures = []
+    for shape in shapes:
+        for dt in dtypes:
+            if dt == "fp32":
+                continue
+            launches, _ = trace(shape, dt, "tuned", arch, device="cuda")
+            torch.cuda.synchronize()
+            for launch in launches:
+                cfg = launch.configs[0][0]
+                name = _cfg_name(cfg) if cfg is not None else _fixed_name(launch)
+                verdict = "ok" if (launch.path, launch.kernel, name) in ok_configs else "NOT PASSED BY THE GATE"
+                print(f"device picked: {launch.path} {launch.kernel} {name}: {verdict}", file=out)
+                if verdict != "ok":
+                    failures.append(launch.path)
+    print(f"device check: {'PASS' if not failures else f'{len(failures)} launches used configs the gate did not pass'}",
+          file=out, flush=True)
+    return not failures
+
+
 def print_table(rows, arch, out=sys.stdout) -> None:
     print(f"\n| launch (shape/dtype/mode/pass#n) | kernel | config | regs | stack B | spill B | smem B | wgmma | TMA "
           f"| status |", file=out)
@@ -328,11 +368,23 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--json", help="also write the table as JSON to this file")
+    p.add_argument("--device", action="store_true",
+                   help="then run the same launches on this GPU (autotuned) and check that every config picked "
+                        "is one the gate passed (bench/device_check.sh)")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("the AOT gate compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     ok, rows = run_gate(a.arch, a.shapes.split(","), a.dtypes.split(","), a.modes.split(","))
+    if a.device:
+        if not torch.cuda.is_available():
+            print("--device needs a CUDA device", file=sys.stderr)
+            return 2
+        if tuple(torch.cuda.get_device_capability()) != (a.arch // 10, a.arch % 10):
+            print(f"--device: this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}, "
+                  f"not sm_{a.arch}", file=sys.stderr)
+            return 2
+        ok = check_device(a.arch, a.shapes.split(","), a.dtypes.split(","), rows) and ok
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as f:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import forward
-from .common import check_dtype, is_interpreted, launch, precision, rank_blocks, uses_cublas
+from .common import check_dtype, is_interpreted, launch, precision, rank_blocks, uses_cublas, vector_aligned
 
 
 @triton.jit
@@ -179,16 +179,20 @@ _MAX_SPLITS = 64
 _SUM_BLOCK = 1024
 
 
-def _reduce_config(x) -> tuple[int, int, int, int, int]:
+def _reduce_config(x, grad_y) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_D, BLOCK_T, stages, warps) of the row reductions.
 
     64 rows × 256 bytes of columns (128 bf16, 64 fp32) per step, 3 stages: enough bytes in flight
     per program. 8 warps: at 4 the (BLOCK_D × r_block) accumulator, the transposed tile and the
     pipeline need more than 255 registers (the AOT gate measured 40–872 bytes of spills at r = 64
-    and at K = 59). BLOCK_T = 16 is tl.dot's minimum.
+    and at K = 59). Unaligned rows (K = 59) load element by element through registers: half the
+    tile (the gate still measured 64 bytes of spills at 64 × 128 with 8 warps on triton 3.6).
+    BLOCK_T = 16 is tl.dot's minimum.
     """
     if is_interpreted(x):
         return 32, 32, 16, 1, 4
+    if not vector_aligned(x, grad_y):
+        return 32, 128 // x.element_size(), 16, 3, 4
     return 64, 256 // x.element_size(), 16, 3, 8
 
 
@@ -250,7 +254,7 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
     if not (need_dA or need_dB or need_dC or need_db):
         return dx, dA, dB, dC, db
 
-    block_m, block_d, block_t, stages, warps = _reduce_config(x)
+    block_m, block_d, block_t, stages, warps = _reduce_config(x, grad_y)
     _, r_block = rank_blocks(r)
     rows = _rows_per_split(M, r, block_m)
     n_split = triton.cdiv(M, rows)

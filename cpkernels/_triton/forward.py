@@ -247,6 +247,105 @@ def _tma_gemm_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
+# Decode (M ≤ 64): split-K with a deterministic reduction
+# ------------------------------------------------------------------------------------------------
+# At M ≤ 64 the GEMM streams W once and is bound by HBM; 4096 columns in tiles of 64 are only 64
+# programs for 132 SMs. Splitting K over S programs per column tile gives S·64 programs; each writes
+# an fp32 partial (S·M·N·4 bytes: 1.3 MiB at M = 16, N = 4096, S = 5, against 32 MiB of W), and a
+# second kernel sums them in split order (the same bits every run: no atomics), then adds the
+# rank-r term and the bias. Only the first column of programs computes a·p, so B is read once.
+@triton.jit
+def _splitk_partial_kernel(
+    a_ptr, w_ptr, p_ptr, ws_ptr, ws_proj_ptr, M, N, K, R, k_per_split,
+    stride_am, stride_ak, stride_wk, stride_wn, stride_pk, stride_pr,
+    SHRINK_PASS: tl.constexpr, PRECISION: tl.constexpr, R_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """ws[split] = a[:, ks]·w[ks, :] (and ws_proj[split] = a[:, ks]·p[ks, :] in column 0) for this split's ks."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = (rows % M).to(tl.int64)
+    cols_in = (cols % N).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    rk = tl.arange(0, R_BLOCK)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    with_proj = (not SHRINK_PASS) and pid_n == 0
+    a_ptrs = a_ptr + rows_in[:, None] * stride_am + (k_start + ks)[None, :].to(tl.int64) * stride_ak
+    w_ptrs = w_ptr + (k_start + ks)[:, None].to(tl.int64) * stride_wk + cols_in[None, :] * stride_wn
+    p_ptrs = p_ptr + (k_start + ks)[:, None].to(tl.int64) * stride_pk + rk[None, :] * stride_pr
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    proj = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        k_left = k_end - k
+        a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if with_proj:
+            p = tl.load(p_ptrs, mask=(ks[:, None] < k_left) & (rk[None, :] < R), other=0.0)
+            proj = tl.dot(a, p.to(a.dtype), proj, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+        p_ptrs += BLOCK_K * stride_pk
+    # The workspaces are contiguous (allocated by the launcher): [split, row, column].
+    rows64 = rows.to(tl.int64)
+    split64 = split.to(tl.int64)
+    tl.store(ws_ptr + (split64 * M + rows64[:, None]) * N + cols[None, :], acc,
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+    if with_proj:
+        tl.store(ws_proj_ptr + (split64 * M + rows64[:, None]) * R + rk[None, :], proj,
+                 mask=(rows < M)[:, None] & (rk[None, :] < R))
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    ws_ptr, ws_proj_ptr, q_ptr, c_ptr, t_ptr, bias_ptr, out_ptr, proj_ptr,
+    M, N, R, T, scale, n_split,
+    stride_qn, stride_qr, stride_ct, stride_cr, stride_t, stride_bias, stride_om, stride_on,
+    stride_projm, stride_projr,
+    HAS_BIAS: tl.constexpr, SHRINK_PASS: tl.constexpr, PRECISION: tl.constexpr, IN_DTYPE: tl.constexpr,
+    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = Σ_split ws + scale·(proj ⊙ C[t])·qᵀ + bias, summed in split order."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = (rows % M).to(tl.int64)
+    cols_in = (cols % N).to(tl.int64)
+    rk = tl.arange(0, R_BLOCK)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(0, n_split):
+        acc += tl.load(ws_ptr + (split * M + rows_in[:, None]) * N + cols_in[None, :])
+    task = tl.load(t_ptr + rows_in * stride_t)
+    task_ok = (task >= 0) & (task < T)
+    if SHRINK_PASS:
+        for r0 in tl.range(0, R, R_BLOCK, num_stages=1):
+            rr = r0 + rk
+            proj_chunk = tl.load(proj_ptr + rows_in[:, None] * stride_projm + rr[None, :] * stride_projr,
+                                 mask=rr[None, :] < R, other=0.0)
+            acc = _add_lowrank(acc, proj_chunk, c_ptr, q_ptr, task, task_ok, rr, cols_in, R, scale,
+                               stride_ct, stride_cr, stride_qn, stride_qr, IN_DTYPE, PRECISION)
+    else:
+        proj = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+        for split in range(0, n_split):
+            proj += tl.load(ws_proj_ptr + (split * M + rows_in[:, None]) * R + rk[None, :],
+                            mask=rk[None, :] < R, other=0.0)
+        acc = _add_lowrank(acc, proj, c_ptr, q_ptr, task, task_ok, rk, cols_in, R, scale,
+                           stride_ct, stride_cr, stride_qn, stride_qr, IN_DTYPE, PRECISION)
+        if pid_n == 0:
+            tl.store(proj_ptr + rows.to(tl.int64)[:, None] * stride_projm + rk[None, :] * stride_projr,
+                     proj.to(proj_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (rk[None, :] < R))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols_in * stride_bias).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
 # Tile configs
 # ------------------------------------------------------------------------------------------------
 # 16-bit, M > 64: compute bound. Wide Hopper tiles first (128×256×64, 3 stages = 144 KiB of K-loop
@@ -446,19 +545,68 @@ def _launch_tma(a, w, out, w_is_nk: bool, args_tail: tuple, meta: dict) -> None:
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
     w_desc = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [bn, bk] if w_is_nk else [bk, bn])
     out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
-    if is_interpreted(a):
-        sms = _TMA_INTERPRETER_SMS
-    elif a.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    else:
-        sms = _AOT_SMS
-    programs = min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    programs = min(_sm_count(a), triton.cdiv(M, bm) * triton.cdiv(N, bn))
     launch(_tma_gemm_kernel, (programs,), (a_desc, w_desc, out_desc, *args_tail[:12], programs, *args_tail[12:]),
            {**meta, "W_IS_NK": w_is_nk, **cfg.all_kwargs()})
 
 
+# Decode split-K: 64-column tiles (128 bytes of a bf16 row of W per k), 128-deep K steps at 4 stages
+# (32 KiB of W in flight per program); at least 256 of K per split (two K steps) so the partial's
+# store stays small next to the W it streams; 2 programs per SM.
+_SPLITK_BLOCK_N = 64
+_SPLITK_MIN_K = 256
+_SPLITK_PROGRAMS_PER_SM = 2
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    """SMs to fill: the device's, 132 (H100/H200) for the AOT gate, a few under the interpreter."""
+    if is_interpreted(t):
+        return _TMA_INTERPRETER_SMS
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _AOT_SMS
+
+
+def _split_count(M: int, N: int, K: int, sms: int, block_m: int) -> int:
+    """How many K splits fill the GPU: 1 when the column tiles already do, or K is too short."""
+    tiles = triton.cdiv(N, _SPLITK_BLOCK_N) * triton.cdiv(M, block_m)
+    want = triton.cdiv(_SPLITK_PROGRAMS_PER_SM * sms, tiles)
+    return max(1, min(want, K // _SPLITK_MIN_K))
+
+
+def _launch_splitk(a, w, p, out, proj, n_split: int, args_epilogue: tuple, meta: dict) -> None:
+    M, K = a.shape
+    N = w.shape[1]
+    R = p.shape[1]
+    interpreted = is_interpreted(a)
+    block_m = 32 if interpreted else max(16, triton.next_power_of_2(M))
+    block_n = 32 if interpreted else _SPLITK_BLOCK_N
+    block_k = 32 if interpreted else 256 // a.element_size()
+    k_per_split = triton.cdiv(triton.cdiv(K, n_split), block_k) * block_k
+    n_split = triton.cdiv(K, k_per_split)  # after rounding to whole K steps
+    ws = torch.empty(n_split, M, N, dtype=torch.float32, device=a.device)
+    ws_proj = torch.empty(n_split, M, R if not meta["SHRINK_PASS"] else 1, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(N, block_n), n_split, triton.cdiv(M, block_m))
+    launch(_splitk_partial_kernel, grid, (
+        a, w, p, ws, ws_proj, M, N, K, R, k_per_split,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1),
+    ), dict(SHRINK_PASS=meta["SHRINK_PASS"], PRECISION=meta["PRECISION"], R_BLOCK=meta["R_BLOCK"],
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=1 if interpreted else 4))
+    q, C, task_ids, bias, scale = args_epilogue
+    launch(_splitk_epilogue_kernel, (triton.cdiv(N, block_n), triton.cdiv(M, block_m)), (
+        ws, ws_proj, q, C, task_ids, bias if bias is not None else out, out, proj,
+        M, N, R, C.shape[0], scale, n_split,
+        q.stride(0), q.stride(1), C.stride(0), C.stride(1), task_ids.stride(0),
+        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1), proj.stride(0), proj.stride(1),
+    ), dict(HAS_BIAS=meta["HAS_BIAS"], SHRINK_PASS=meta["SHRINK_PASS"], PRECISION=meta["PRECISION"],
+            IN_DTYPE=_TL_DTYPES[a.dtype], R_BLOCK=meta["R_BLOCK"], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4))
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
 def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_pass: bool,
-                 tma: bool | None = None) -> None:
+                 tma: bool | None = None, split_k: int | None = None) -> None:
     """out = a·w + bias + scale·((a·p) ⊙ C[task_ids])·qᵀ, row by row.
 
     a (M × K), w (K × N), p (K × R), q (N × R), bias (N), out (M × N), proj (M × R) are given by
@@ -466,6 +614,8 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
     kernel writes proj = a·p; with it, it reads proj, which `shrink` must have written.
     `tma`: None picks the TMA kernel where it applies (sm_90, 16-bit, M > 64, describable operands);
     True forces it (tests, under the interpreter), False the pointer kernel.
+    `split_k`: None splits K for decode (M ≤ 64) when the column tiles alone leave SMs idle; an int
+    forces that many splits (tests), 1 never splits.
     """
     M, K = a.shape
     N = w.shape[1]
@@ -497,6 +647,13 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), C.stride(0), C.stride(1), task_ids.stride(0),
             bias.stride(0) if bias is not None else 0, proj.stride(0), proj.stride(1),
         ), meta)
+        return
+    if split_k is None:
+        split_k = 1
+        if M <= _SMALL_M and not is_interpreted(a):
+            split_k = _split_count(M, N, K, _sm_count(a), max(16, triton.next_power_of_2(M)))
+    if split_k > 1:
+        _launch_splitk(a, w, p, out, proj, split_k, (q, C, task_ids, bias, scale), meta)
         return
 
     def grid_of(cfg):
