@@ -48,7 +48,7 @@ def test_gate_fails_on_a_config_that_cannot_fit_or_spills():
     code = textwrap.dedent("""
         import io, sys
         from cpkernels._triton import aot, common, forward
-        too_big = common.config(256, 256, 128, 4, 8)
+        too_big = common.config(256, 256, 64, 4, 8)  # 256 KiB of K-loop buffers
         forward._FIXED[(False, 2, True)] = too_big
         forward._FIXED[(False, 2, False)] = common.config(128, 64, 64, 3, 4)
         forward._wants_tma = lambda *a: False
@@ -80,3 +80,22 @@ def test_gate_sm80():
     res = _run(["--arch", "80", "--shapes", "llm,odd", "--dtypes", "bf16", "--modes", "deterministic"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "_tma_gemm_kernel" not in res.stdout
+
+
+def test_m_bucket_does_not_multiply_compiled_variants():
+    """Batches of 3 and 9 rows share one autotune bucket and one compiled kernel per config (the
+    bucket was 4 vs 16 before, specialised differently by Triton: a compile per small M)."""
+    code = textwrap.dedent("""
+        import sys
+        from cpkernels._triton import aot
+        keys = []
+        for M in (3, 9):
+            aot.SHAPES["m%d" % M] = (M, 256, 256, 16, 4)  # K = 256: too short to split, the pointer kernel
+            launches, _ = aot.trace("m%d" % M, "bf16", "tuned", 90)
+            gemm = [l for l in launches if l.kernel == "_lowrank_gemm_kernel"]
+            assert len(gemm) == 2, [l.kernel for l in launches]
+            keys.append({aot.compile_key(l, c, 90)[0] for l in gemm for c, pruned in l.configs if not pruned})
+        sys.exit(0 if keys[0] == keys[1] else 9)
+    """)
+    res = _run([], code)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -6,9 +6,10 @@ With g = dY·A (M × r), v = u ⊙ C[t] and w = g ⊙ C[t] (ARCHITECTURE §1):
     dC[k] = s·Σ_{i: t_i = k} u_i ⊙ g_i                  db = Σ_i dY_i
 
 Passes (launches) over the big operands, M × d tensors read from HBM:
-  1. dX: forward.py's `_lowrank_gemm_kernel` with (a, w, p, q) = (dY, W0, A, B). Its K loop over
-     d_out reads the dY tiles once and accumulates g = dY·A on them (or, for wide ranks, a shrink
-     pass computes g first, as in the forward); the epilogue adds s·w·Bᵀ and stores g (fp32).
+  1. dX: forward.lowrank_gemm (whichever of its kernels applies: TMA, split-K or pointer) with
+     (a, w, p, q) = (dY, W0, A, B). Its K loop over d_out reads the dY tiles once and accumulates
+     g = dY·A on them (or, for wide ranks, a shrink pass computes g first, as in the forward); the
+     epilogue adds s·w·Bᵀ and stores g (fp32).
   2. `_reduce_over_rows_kernel`, one launch, three kinds of programs side by side:
        dA (+ db): a second read of dY,  dYᵀ·v as a skinny reduction over M (and dY's column sums);
        dB:        the one read of X,    Xᵀ·w;

@@ -2,42 +2,51 @@
 
 Design
 ------
-One GEMM kernel, `_lowrank_gemm_kernel`, computes  out = a·w + bias + s·((a·p) ⊙ C[t])·qᵀ  for an
-(M × K) input `a` and a (K × N) operand `w` given by strides. The forward uses it with
-(a, w, p, q) = (X, W0ᵀ, B, A); the backward reuses it for dX with (dY, W0, A, B) (see backward.py).
-The rank-r part enters in one of two ways, chosen per call by `_shrink_first`:
+One operation, the low-rank GEMM  out = a·w + bias + s·((a·p) ⊙ C[t])·qᵀ  for an (M × K) input `a`
+and a (K × N) operand `w` given by strides. The forward uses it with (a, w, p, q) = (X, W0ᵀ, B, A);
+the backward reuses it for dX with (dY, W0, A, B) (see backward.py). `lowrank_gemm` runs it with
+one of three kernels, read in this order below:
 
-* in-loop (FUSE_SHRINK): every output tile also accumulates its rows of a·p in the same K loop,
-  on the a-tile that is already in registers, then adds (a·p ⊙ C[t])·qᵀ to its accumulator in the
-  epilogue. One launch, one read of X. The price: a·p is recomputed by each of the N/BLOCK_N column
-  tiles, i.e. R_PAD/BLOCK_N extra MMA work (6% at r = 16, BLOCK_N = 256; 25% at r = 64).
-* shrink pass (`_shrink_kernel`, as in LoRAFusion): a light kernel writes a·p once (M × r); the GEMM
-  then reads it in the epilogue, looping over the rank in chunks, so any r works. The price: one
-  more read of X plus a launch, about (matmul FLOP/s ÷ HBM bytes/s)/N ≈ 230/N of the GEMM on an
-  H100 (5.5% at N = 4096, 2% at N = 11008).
-Prediction (no GPU was available when this was written; bench/ measures both, `shrink=` forces
-either): in-loop wins at r ≤ 16 for N ≤ 4096 and at every small M (the GEMM is bound by reading W
-there, so the extra MMA is free); the shrink pass wins at r ≥ 32 or N ≥ 8k (llm-r64, llm-mlp).
+* `_lowrank_gemm_kernel`: pointer loads, autotuned; every GPU, any strides (the fallback).
+* `_tma_gemm_kernel`: TMA descriptors, persistent grid, wgmma; sm_90, 16-bit, M > 64 (its header
+  holds the predicted ratio to cuBLAS).
+* `_splitk_partial_kernel` + `_splitk_epilogue_kernel`: decode (M ≤ 64), K split so every SM streams W.
+
+The rank-r part enters in one of two ways, chosen per call by `uses_shrink_pass`:
+
+* in-loop (SHRINK_PASS = False): every output tile also accumulates its rows of a·p (`proj`) in the
+  same K loop, on the a-tile that is already loaded, then adds (proj ⊙ C[t])·qᵀ to its accumulator
+  in the epilogue. One launch, one read of X. The price: proj is recomputed by each of the
+  N/BLOCK_N column tiles, i.e. R_PAD/BLOCK_N extra MMA work (6% at r = 16, BLOCK_N = 256).
+* shrink pass (SHRINK_PASS = True; `_shrink_kernel`, as in LoRAFusion): a light kernel writes proj
+  once (M × r); the GEMM then reads it in the epilogue, looping over the rank in chunks, so any r
+  works. The price: one more read of X plus a launch, about (matmul FLOP/s ÷ HBM bytes/s)/N ≈ 230/N
+  of the GEMM on an H100 (5.5% at N = 4096, 2% at N = 11008).
+Prediction (no GPU was available when this was written; bench/ measures both, `shrink_pass=`
+forces either): in-loop wins at r ≤ 16 for N ≤ 4096 and at every small M (the GEMM is bound by
+reading W there, so the extra MMA is free); the shrink pass wins at r ≥ 32 or N ≥ 8k.
 
 Cost model at the llm shape (M = 8192, d_in = d_out = 4096, r = 16, bf16):
   base GEMM 2·M·d_in·d_out = 275 GFLOP (0.35 ms at the measured cuBLAS rate); bytes X 64 MiB +
   W0 32 MiB + Y 64 MiB = 160 MiB (55 µs at 3 TB/s), so it is compute bound by 6×.
   The rank-r work proper is 2·M·r·(d_in + d_out) = 2.1 GFLOP (0.8%) and u is 256 KiB.
   In-loop adds 17 GFLOP of MMA (6.25%); the shrink pass adds 64 MiB of reads (≈ 22 µs, 6%).
-  What should move: the GEMM itself. A pointer-based Triton GEMM runs at 1.09–1.70× cuBLAS on
-  these shapes (BENCHMARKS.md), which dwarfs the fusion's cost; TMA descriptors, a persistent grid
-  and warp specialisation (tutorial 09) are the next step, then the shrink/in-loop switch point.
+  What moves the total most is the GEMM itself: a pointer-based Triton GEMM measured 1.09–1.70×
+  cuBLAS on these shapes (BENCHMARKS.md); the TMA kernel is predicted at 1.05–1.11× (see its header).
 
-Out-of-range task ids: the kernel masks them. A row whose id is outside [0, T) loads its C row as
-zeros, so it gets y = x·W0ᵀ + b with no low-rank update, and nothing is ever read out of bounds.
-The cost is two integer compares per row and a mask on a (BLOCK_M × r) gather, nothing measurable.
-ops.py additionally raises IndexError on such ids before the launch (once per ids tensor; an async
-device assertion under torch.compile).
+Task ids: a row whose id is outside [0, T) (-1: "no adapter") loads its C row as zeros, so it gets
+exactly y = x·W0ᵀ + b, and nothing is ever read out of bounds. The cost is two integer compares per
+row and a mask on a (BLOCK_M × r) gather, nothing measurable. ops.py additionally raises
+IndexError on ids ≥ T before the launch.
+
+Strides: every kernel addresses every operand through the strides it is given (a strided or
+expanded bias included); only the launchers' own workspaces are assumed contiguous.
 
 Precision: fp32 accumulation everywhere; fp32 inputs go through tf32 only when
-torch.backends.cuda.matmul.allow_tf32 is set. Under torch.are_deterministic_algorithms_enabled()
-a fixed tile config replaces autotuning, so the summation order (and every bit) is the same in
-every process; the kernels use no atomics in any mode.
+torch.backends.cuda.matmul.allow_tf32 is set, and plain fp32 goes to cuBLAS (common.uses_cublas).
+Under torch.are_deterministic_algorithms_enabled() a fixed tile config replaces autotuning, so the
+summation order (and every bit) is the same in every process on the same GPU model; the kernels
+use no atomics in any mode.
 """
 from __future__ import annotations
 
