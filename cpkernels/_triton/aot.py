@@ -58,7 +58,9 @@ SHAPES = {
 # name: (torch dtype, allow_tf32)
 DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
           "tf32": (torch.float32, True), "fp32": (torch.float32, False)}
-MODES = ("tuned", "deterministic")
+# tuned: autotuned launches; deterministic: the fixed configs; compiled: as under torch.compile,
+# where the TMA kernel steps aside for the autotuned pointer kernel.
+MODES = ("tuned", "deterministic", "compiled")
 SIXTEEN_BIT = ("bf16", "fp16")
 
 
@@ -89,15 +91,19 @@ class Result:
 # 1–2. Trace the launchers
 # ------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _torch_flags(allow_tf32: bool, deterministic: bool):
+def _torch_flags(allow_tf32: bool, mode: str):
     old = torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled()
+    old_is_compiling = torch.compiler.is_compiling
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.use_deterministic_algorithms(deterministic)
+    torch.use_deterministic_algorithms(mode == "deterministic")
+    if mode == "compiled":
+        torch.compiler.is_compiling = lambda: True
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old[0]
         torch.use_deterministic_algorithms(old[1])
+        torch.compiler.is_compiling = old_is_compiling
 
 
 def _inputs(M, d_in, d_out, r, T, dtype, device):
@@ -146,13 +152,13 @@ def trace(shape: str, dtype_name: str, mode: str, arch: int, device: str = "meta
 
     inp = _inputs(M, d_in, d_out, r, T, dtype, device)
     # 16-byte rows: 8 elements of 16 bits.
-    tma_expected = (arch == 90 and dtype_name in SIXTEEN_BIT and M > forward._SMALL_M and d_in % 8 == 0
+    tma_expected = (arch == 90 and mode != "compiled" and dtype_name in SIXTEEN_BIT and M > forward._SMALL_M and d_in % 8 == 0
                     and d_out % 8 == 0 and forward.tma_supported())
     old = common.TARGET_SMEM_LIMIT, common.TARGET_ARCH
     if device == "meta":
         common.TARGET_SMEM_LIMIT, common.TARGET_ARCH = common.SMEM_LIMIT[arch], arch
     try:
-        with _torch_flags(allow_tf32, mode == "deterministic"):
+        with _torch_flags(allow_tf32, mode):
             with common.recording(record("fwd")):
                 y, u = forward.cp_linear_fwd(inp["x"], inp["weight"], inp["bias"], inp["A"], inp["B"], inp["C"],
                                              inp["task_ids"], 0.5)

@@ -99,6 +99,15 @@ TARGET_SMEM_LIMIT: int | None = None
 TARGET_ARCH: int = 90
 
 
+def target_arch(t: torch.Tensor) -> int:
+    """The compute capability the kernels are built for (90 = sm_90): the tensor's GPU, the AOT
+    gate's target for meta tensors, 0 under the interpreter."""
+    if t.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return major * 10 + minor
+    return TARGET_ARCH if t.device.type == "meta" else 0
+
+
 def current_smem_limit() -> int:
     """The device's opt-in shared memory per block, or Hopper's when there is no device."""
     if TARGET_SMEM_LIMIT is not None:

@@ -54,9 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
 from .common import (check_dtype, config, current_smem_limit, gemm_smem_bytes, is_interpreted, launch, launch_tuned,
-                     precision, rank_blocks, tune_key, uses_cublas, vector_aligned)
+                     precision, rank_blocks, target_arch, tune_key, uses_cublas, vector_aligned)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -368,12 +367,10 @@ _LARGE_M_16BIT = [
     config(64, 128, 64, 4, 4),
 ]
 # tf32, M > 64: fp32 tiles take twice the bytes, so BLOCK_K halves (32 fp32 = 128 bytes, one full
-# cache line per row, as 64 bf16) and the widest tile drops a stage: 128×256×32 at 3 stages is
-# 144 KiB, like its bf16 twin.
+# cache line per row, as 64 bf16). 128×256×32 (s3, w8) and 128×128×32 (s3, w4) were dropped: the
+# AOT gate measured 16–128 bytes of spills for them on sm_90 and sm_80.
 _LARGE_M_TF32 = [
-    config(128, 256, 32, 3, 8),
     config(128, 128, 32, 4, 8),
-    config(128, 128, 32, 3, 4),
     config(64, 128, 32, 4, 4),
 ]
 # M ≤ 64 (decode): the GEMM streams W0 once and is bound by HBM. BLOCK_M = 16 is tl.dot's minimum;
@@ -416,7 +413,7 @@ _CONFIGS = {
     (True, 2, False): _SMALL_M_UNALIGNED, (True, 4, False): _SMALL_M_UNALIGNED,
 }
 _FIXED = {
-    (False, 2, True): _LARGE_M_16BIT[2], (False, 4, True): _LARGE_M_TF32[1],
+    (False, 2, True): _LARGE_M_16BIT[2], (False, 4, True): _LARGE_M_TF32[0],
     (True, 2, True): _SMALL_M_16BIT[1], (True, 4, True): _SMALL_M_TF32[1],
     (False, 2, False): _LARGE_M_UNALIGNED[0], (False, 4, False): _LARGE_M_UNALIGNED[0],
     (True, 2, False): _SMALL_M_UNALIGNED[0], (True, 4, False): _SMALL_M_UNALIGNED[0],
@@ -434,11 +431,26 @@ _EPILOGUE_R_BLOCK = 32
 _M_BUCKET_MAX = 1 << 14
 
 
+# sm_80 has no wgmma: mma.sync keeps both operands and the accumulator in registers, and these
+# 16-bit tiles spill there (AOT gate, --arch 80: 56–360 bytes of stack), while they do not on sm_90.
+_SPILL_BEFORE_SM90 = {(128, 128, 64, 3, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (64, 128, 64, 4, 4),
+                      (128, 128, 32, 3, 8), (64, 64, 32, 3, 4)}
+
+
+def _tile(c: triton.Config) -> tuple:
+    k = c.kwargs
+    return k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_stages, c.num_warps
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose K-loop buffers alone overflow shared memory, before anything compiles."""
-    elem = named_args["a_ptr"].element_size()
+    """Drop, before anything compiles, configs whose K-loop buffers alone overflow shared memory,
+    and the 16-bit tiles that spill on GPUs older than sm_90."""
+    a = named_args["a_ptr"]
+    elem = a.element_size()
     limit = current_smem_limit()
     fit = [c for c in configs if gemm_smem_bytes(c, elem, kwargs["R_BLOCK"], kwargs["SHRINK_PASS"]) <= limit]
+    if elem == 2 and target_arch(a) < 90:
+        fit = [c for c in fit if _tile(c) not in _SPILL_BEFORE_SM90] or fit
     return fit or [min(configs, key=lambda c: gemm_smem_bytes(c, elem, kwargs["R_BLOCK"], kwargs["SHRINK_PASS"]))]
 
 
@@ -538,9 +550,7 @@ def _wants_tma(a, w, out, M: int) -> bool:
         return False
     if torch.compiler.is_compiling():  # host descriptors under torch.compile need a newer torch than the device's
         return False
-    arch = common.TARGET_ARCH if a.device.type == "meta" else (
-        torch.cuda.get_device_capability(a.device)[0] * 10 if a.device.type == "cuda" else 0)
-    return arch == 90 and _tma_w_layout(a, w, out) is not None
+    return target_arch(a) == 90 and _tma_w_layout(a, w, out) is not None
 
 
 def _launch_tma(a, w, out, w_is_nk: bool, args_tail: tuple, meta: dict) -> None:
@@ -673,6 +683,8 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
     else:
         which = (M <= _SMALL_M, a.element_size(), vector_aligned(a, w, out))
         cfg = _FIXED[which]
+        if which == (False, 2, False) and target_arch(a) < 90:
+            cfg = _LARGE_M_UNALIGNED[1]  # see _SPILL_BEFORE_SM90
         if not torch.are_deterministic_algorithms_enabled():
             tuned = _TUNED[which]
             named = dict(zip(_lowrank_gemm_kernel.arg_names, args), **meta)
