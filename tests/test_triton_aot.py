@@ -42,6 +42,7 @@ def test_gate_passes_and_the_large_m_bf16_gemm_uses_tma_and_wgmma():
     assert any(r[0].startswith("llm/fp32") and r[1] == "cuBLAS (torch)" for r in rows), rows
 
 
+@pytest.mark.slow
 def test_gate_fails_on_a_config_that_cannot_fit_or_spills():
     """Both failure rules fire: the prune is bypassed with a tile that needs > 227 KiB, and the
     aligned list's wide tile is forced onto the unaligned odd shape (it spills there)."""
@@ -66,6 +67,7 @@ def test_gate_refuses_the_interpreter():
     assert res.returncode != 0 and "TRITON_INTERPRET" in res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_gate_sm80_prunes_the_tiles_that_spill_there():
     """sm_80 (A100): no TMA, and the autotune lists lose the 16-bit tiles that spill without wgmma
     (llm in-loop and the unaligned odd shape, autotuned)."""
@@ -75,6 +77,7 @@ def test_gate_sm80_prunes_the_tiles_that_spill_there():
     assert "| pruned |" in res.stdout
 
 
+@pytest.mark.slow
 def test_m_bucket_does_not_multiply_compiled_variants():
     """Batches of 3 and 9 rows share one autotune bucket and one compiled kernel per config (the
     bucket was 4 vs 16 before, specialised differently by Triton: a compile per small M)."""
