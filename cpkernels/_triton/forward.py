@@ -365,6 +365,9 @@ _LARGE_M_16BIT = [
     config(128, 128, 64, 4, 8),
     config(128, 128, 64, 3, 4),
     config(64, 128, 64, 4, 4),
+    # For sm_80, where the ones above spill (see _SPILL_BEFORE_SM90): fewer stages, 8 warps.
+    config(128, 128, 64, 3, 8),
+    config(128, 64, 64, 4, 8),
 ]
 # tf32, M > 64: fp32 tiles take twice the bytes, so BLOCK_K halves (32 fp32 = 128 bytes, one full
 # cache line per row, as 64 bf16). 128×256×32 (s3, w8) and 128×128×32 (s3, w4) were dropped: the
@@ -432,9 +435,11 @@ _M_BUCKET_MAX = 1 << 14
 
 
 # sm_80 has no wgmma: mma.sync keeps both operands and the accumulator in registers, and these
-# 16-bit tiles spill there (AOT gate, --arch 80: 56–360 bytes of stack), while they do not on sm_90.
+# 16-bit tiles spill there (AOT gate, --arch 80, triton 3.8 and 3.6: 8–360 bytes of stack), while
+# they do not on sm_90. The fixed configs there come from _FIXED_BEFORE_SM90.
 _SPILL_BEFORE_SM90 = {(128, 128, 64, 3, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (64, 128, 64, 4, 4),
-                      (128, 128, 32, 3, 8), (64, 64, 32, 3, 4)}
+                      (128, 128, 64, 4, 8), (128, 128, 32, 3, 8), (64, 64, 32, 3, 4), (64, 128, 32, 3, 8)}
+_FIXED_BEFORE_SM90 = {(False, 2, True): _LARGE_M_16BIT[5], (False, 2, False): _LARGE_M_UNALIGNED[2]}
 
 
 def _tile(c: triton.Config) -> tuple:
@@ -683,8 +688,8 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
     else:
         which = (M <= _SMALL_M, a.element_size(), vector_aligned(a, w, out))
         cfg = _FIXED[which]
-        if which == (False, 2, False) and target_arch(a) < 90:
-            cfg = _LARGE_M_UNALIGNED[1]  # see _SPILL_BEFORE_SM90
+        if target_arch(a) < 90:
+            cfg = _FIXED_BEFORE_SM90.get(which, cfg)
         if not torch.are_deterministic_algorithms_enabled():
             tuned = _TUNED[which]
             named = dict(zip(_lowrank_gemm_kernel.arg_names, args), **meta)
