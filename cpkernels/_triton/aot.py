@@ -48,6 +48,7 @@ from . import backward, common, forward
 # one and with several rank chunks. `odd` has sizes that no power of two divides (unaligned strides).
 SHAPES = {
     "decode": (16, 4096, 4096, 16, 8),
+    "decode-short-k": (16, 256, 4096, 16, 8),  # K too short to split: the small-M autotune lists
     "bert": (8192, 768, 768, 8, 8),
     "llm": (8192, 4096, 4096, 16, 8),
     "llm-r64": (8192, 4096, 4096, 64, 8),
