@@ -136,6 +136,10 @@ elif ! grep -qE "[0-9]+ passed" "$OUT/gpu-tests.log"; then  # all skipped on a G
   FAILED=1
 fi
 
+# 4b. AOT claims: the gate's configs against what this device's triton picks when it autotunes ---
+run_stage aot 150 60 "$PY" -m cpkernels._triton.aot --arch "${GPU_ARCH/./}" --shapes decode,bert,llm,odd \
+  --dtypes bf16 --modes tuned --device || FAILED=1
+
 # 5. benchmark report --------------------------------------------------------------------------
 run_stage report "$BUDGET_S" 15 "$PY" bench/report.py --quick --out "$OUT" || FAILED=1
 if [[ -s "$OUT/results.json" ]] && ! grep -q '"complete": true' "$OUT/results.json"; then

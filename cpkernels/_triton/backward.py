@@ -6,9 +6,10 @@ With g = dY·A (M × r), v = u ⊙ C[t] and w = g ⊙ C[t] (ARCHITECTURE §1):
     dC[k] = s·Σ_{i: t_i = k} u_i ⊙ g_i                  db = Σ_i dY_i
 
 Passes (launches) over the big operands, M × d tensors read from HBM:
-  1. dX: forward.py's `_lowrank_gemm_kernel` with (a, w, p, q) = (dY, W0, A, B). Its K loop over
-     d_out reads the dY tiles once and accumulates g = dY·A on them (or, for wide ranks, a shrink
-     pass computes g first, as in the forward); the epilogue adds s·w·Bᵀ and stores g (fp32).
+  1. dX: forward.lowrank_gemm (whichever of its kernels applies: TMA, split-K or pointer) with
+     (a, w, p, q) = (dY, W0, A, B). Its K loop over d_out reads the dY tiles once and accumulates
+     g = dY·A on them (or, for wide ranks, a shrink pass computes g first, as in the forward); the
+     epilogue adds s·w·Bᵀ and stores g (fp32).
   2. `_reduce_over_rows_kernel`, one launch, three kinds of programs side by side:
        dA (+ db): a second read of dY,  dYᵀ·v as a skinny reduction over M (and dY's column sums);
        dB:        the one read of X,    Xᵀ·w;
@@ -33,9 +34,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .forward import _check_dtype, _precision, _rank_blocks, _shrink_first, lowrank_gemm, shrink
+from . import forward
+from .common import (check_dtype, is_interpreted, launch, precision, rank_blocks, target_arch, uses_cublas,
+                     vector_aligned)
 
 
 @triton.jit
@@ -91,10 +93,11 @@ def _segment_sum_block(
             rows = (m0 + ms).to(tl.int64)
             row_ok = rows < row_end
             task = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=-1)
-            lr_mask = row_ok[:, None] & (rr[None, :] < R)
-            u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur, mask=lr_mask, other=0.0)
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + rr[None, :] * stride_gr, mask=lr_mask, other=0.0)
-            # An id outside [0, T) (or a masked row's -1) matches no task: it adds nothing anywhere.
+            task = tl.where((task >= 0) & (task < T), task, -1)  # ids outside [0, T) ("no adapter")
+            rank_mask = row_ok[:, None] & (rr[None, :] < R)
+            u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur, mask=rank_mask, other=0.0)
+            g = tl.load(g_ptr + rows[:, None] * stride_gm + rr[None, :] * stride_gr, mask=rank_mask, other=0.0)
+            # -1 (a bad id, or a masked row) matches no task: it adds nothing anywhere.
             hit = (task[None, :] == tasks[:, None]).to(tl.float32)
             # ieee: the one-hot products are exact; tf32 would round u ⊙ g to 10 mantissa bits.
             acc = tl.dot(hit, u.to(tl.float32) * g.to(tl.float32), acc, input_precision="ieee")
@@ -178,10 +181,49 @@ _MAX_SPLITS = 64
 _SUM_BLOCK = 1024
 
 
+def _reduce_config(x, grad_y) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, BLOCK_T, stages, warps) of the row reductions.
+
+    64 rows × 256 bytes of columns (128 bf16, 64 fp32) per step, 3 stages: enough bytes in flight
+    per program. 8 warps: at 4 the (BLOCK_D × r_block) accumulator, the transposed tile and the
+    pipeline need more than 255 registers (the AOT gate measured 40–872 bytes of spills at r = 64
+    and at K = 59). Unaligned rows (K = 59) load element by element through registers: half the
+    tile (the gate still measured 64 bytes of spills at 64 × 128 with 8 warps on triton 3.6).
+    BLOCK_T = 16 is tl.dot's minimum.
+    """
+    if is_interpreted(x):
+        return 32, 32, 16, 1, 4
+    if not vector_aligned(x, grad_y):
+        return 32, 128 // x.element_size(), 16, 3, 4
+    # sm_80 (mma.sync, operands in registers): 3 stages spilled 8 bytes at 16 bits; 2 do not.
+    stages = 3 if target_arch(x) >= 90 or x.element_size() == 4 else 2
+    return 64, 256 // x.element_size(), 16, stages, 8
+
+
 def _rows_per_split(M: int, r: int, block_m: int) -> int:
-    r_pad, _ = _rank_blocks(r)
+    r_pad, _ = rank_blocks(r)
     n_split = min(triton.cdiv(M, max(_MIN_SPLIT_ROWS, _ROWS_PER_RANK * r_pad)), _MAX_SPLITS)
     return triton.cdiv(triton.cdiv(M, n_split), block_m) * block_m  # equal ranges, whole row blocks
+
+
+def _cublas_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, need):
+    """fp32 without tf32 (see common.uses_cublas): the same gradients in torch, with the same id
+    masking. dC is a one-hot product, not index_add: no atomics, so the bits never vary."""
+    need_dx, need_dA, need_dB, need_dC, need_db = need
+    T = C.shape[0]
+    c = forward.masked_task_rows(C, task_ids)
+    g = grad_y @ A
+    w = g * c
+    dx = torch.addmm(grad_y @ weight, w, B.t(), alpha=scale) if need_dx else None
+    dA = (grad_y.t() @ (u * c)).mul_(scale) if need_dA else None
+    dB = (x.t() @ w).mul_(scale) if need_dB else None
+    dC = None
+    if need_dC:
+        ok = (task_ids >= 0) & (task_ids < T)
+        hit = (task_ids[:, None] == torch.arange(T, device=x.device)[None, :]) & ok[:, None]
+        dC = (hit.to(u.dtype).t() @ (u * g)).mul_(scale)
+    db = grad_y.sum(0) if need_db else None
+    return tuple(t if t is not None else x.new_empty(0) for t in (dx, dA, dB, dC, db))
 
 
 def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_mask,
@@ -190,12 +232,16 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
 
     `shrink_pass` forces how g = dY·A is computed (benchmarks compare both).
     """
-    _check_dtype(x)
+    check_dtype(x)
     need_dx, need_dA, need_dB, need_dC, need_db = (bool(m) for m in output_mask)
     M, d_in = x.shape
     d_out, r = A.shape
     T = C.shape[0]
+    if uses_cublas(x) and M > 0:
+        return _cublas_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale,
+                           (need_dx, need_dA, need_dB, need_dC, need_db))
     # A fresh empty tensor per masked-off gradient: a custom op's outputs may not alias each other.
+    # The kernels below write dA, dB, dC and db as contiguous buffers: they are allocated so here.
     dx, dA, dB, dC, db = (x.new_empty(shape if need else (0,)) for shape, need in zip(
         ((M, d_in), (d_out, r), (d_in, r), (T, r), (d_out,)), (need_dx, need_dA, need_dB, need_dC, need_db)))
     if M == 0:  # an empty batch contributes nothing: the factor gradients are zeros
@@ -203,20 +249,17 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
 
     g = x.new_empty(M, r, dtype=torch.float32) if (need_dx or need_dB or need_dC) else None
     if need_dx:
-        use_shrink = _shrink_first(M, d_in, r, shrink_pass)
+        use_shrink = forward.uses_shrink_pass(M, d_in, r, shrink_pass)
         if use_shrink:
-            shrink(grad_y, A, g)
-        lowrank_gemm(grad_y, weight, A, B, C, task_ids, None, dx, g, scale, fuse_shrink=not use_shrink)
+            forward.shrink(grad_y, A, g)
+        forward.lowrank_gemm(grad_y, weight, A, B, C, task_ids, None, dx, g, scale, shrink_pass=use_shrink)
     elif need_dB or need_dC:
-        shrink(grad_y, A, g)
+        forward.shrink(grad_y, A, g)
     if not (need_dA or need_dB or need_dC or need_db):
         return dx, dA, dB, dC, db
 
-    interpreted = x.device.type == "cpu"  # Triton runs CPU tensors only under TRITON_INTERPRET=1
-    # 64 rows × 128 columns (16 KiB of bf16) per step, 3 stages: enough bytes in flight per program,
-    # and the (128 × r) fp32 accumulator stays small. BLOCK_T = 16 is tl.dot's minimum.
-    block_m, block_d, block_t, stages = (32, 32, 16, 1) if interpreted else (64, 128, 16, 3)
-    _, r_block = _rank_blocks(r)
+    block_m, block_d, block_t, stages, warps = _reduce_config(x, grad_y)
+    _, r_block = rank_blocks(r)
     rows = _rows_per_split(M, r, block_m)
     n_split = triton.cdiv(M, rows)
     ws = lambda *shape: torch.empty(n_split, *shape, dtype=torch.float32, device=x.device)  # noqa: E731
@@ -232,21 +275,20 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
     nb_b = triton.cdiv(d_in, block_d) if need_dB else 0
     nb_c = triton.cdiv(T, block_t) if need_dC else 0
     if nb_a + nb_b + nb_c > 0:
-        wrap_triton(_reduce_over_rows_kernel)[(nb_a + nb_b + nb_c, n_split)](
+        launch(_reduce_over_rows_kernel, (nb_a + nb_b + nb_c, n_split), (
             grad_y, x, u, g_arg, C, task_ids, ws_a, ws_bias, ws_b, ws_c,
             M, d_out, d_in, r, T, rows, nb_a, nb_b,
             grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), u.stride(0), u.stride(1),
             g_arg.stride(0), g_arg.stride(-1), C.stride(0), C.stride(1), task_ids.stride(0),
-            COLSUM=need_db, PRECISION=_precision(x.dtype), R_BLOCK=r_block, BLOCK_M=block_m,
-            BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4, num_stages=stages,
-        )
+        ), dict(COLSUM=need_db, PRECISION=precision(x.dtype), R_BLOCK=r_block, BLOCK_M=block_m,
+                BLOCK_D=block_d, BLOCK_T=block_t, num_warps=warps, num_stages=stages))
 
     sizes = [t.numel() for t in (dA, db, dB, dC)]
     n_blocks = sum(triton.cdiv(n, _SUM_BLOCK) for n in sizes)
     if n_blocks > 0:
         outs = [t if t.numel() else spare for t in (dA, db, dB, dC)]  # n = 0 makes the pointer unused
-        wrap_triton(_sum_splits_kernel)[(n_blocks,)](
+        launch(_sum_splits_kernel, (n_blocks,), (
             ws_a, outs[0], sizes[0], ws_bias, outs[1], sizes[1], ws_b, outs[2], sizes[2],
-            ws_c, outs[3], sizes[3], n_split, scale, BLOCK=_SUM_BLOCK, num_warps=4,
-        )
+            ws_c, outs[3], sizes[3], n_split, scale,
+        ), dict(BLOCK=_SUM_BLOCK, num_warps=4))
     return dx, dA, dB, dC, db
