@@ -90,21 +90,21 @@ def markdown(results: dict) -> str:
     lines = []
     if results.get("quick"):
         lines += [f"**{results['note']}**", ""]
-    done = results.get("seeds_done", cfg["seeds"])
-    if list(done) != list(cfg["seeds"]):
-        lines += [f"**PARTIAL: {len(done)} of {len(cfg['seeds'])} seeds finished ({done}).**", ""]
+    if not results.get("complete", True):
+        lines += [f"**PARTIAL: the run was stopped before every method had run with every seed "
+                  f"({', '.join(map(str, cfg['seeds']))}); column n gives the seeds each row has.**", ""]
     lines += [f"Encoder {results['encoder']['model']}, top {cfg['top_layers']} of "
-              f"{results['encoder']['num_layers']} layers adapted; {len(done)} seeds "
-              f"({', '.join(map(str, done))}); {cfg['steps']} multi-task steps × {cfg['batch_size']} rows "
+              f"{results['encoder']['num_layers']} layers adapted; seeds "
+              f"{', '.join(map(str, cfg['seeds']))}; {cfg['steps']} multi-task steps × {cfg['batch_size']} rows "
               f"(per-task methods: {cfg['steps'] // len(tasks)} steps per task); max length {cfg['max_length']}; "
               f"commit `{results.get('commit')}`. Test split; accuracy / macro-F1 in %, mean ± std over seeds. "
               f"Parameters per task include the task's head; % of the {results['encoder']['base_parameters']:,} "
               "encoder parameters.", ""]
-    head = "| method | " + " | ".join(f"{t} acc | {t} F1" for t in tasks) + \
+    head = "| method | n | " + " | ".join(f"{t} acc | {t} F1" for t in tasks) + \
         " | mean acc | params/task marginal | params/task amortised | % amortised | wall s/seed |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for e in results["summary"]:
-        cells = [e["name"]]
+        cells = [e["name"], str(len(e["seeds"]))]
         for t in tasks:
             cells += [_pm(e["metrics"][t]["accuracy"]), _pm(e["metrics"][t]["macro_f1"])]
         cells += [_pm(e["mean_accuracy"]), f"{e['params_marginal']:,.0f}", f"{e['params_amortised']:,.0f}",
