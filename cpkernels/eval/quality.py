@@ -51,7 +51,7 @@ __all__ = ["StudyConfig", "QUICK", "TopLayers", "StudyModel", "prepare", "run_st
 log = logging.getLogger("cpkernels.eval")
 
 METHODS = ("cp-multi", "cp-lasso", "lora", "head", "full", "cp-single")
-#: Run first for every seed (the hypothesis compares them), then the others.
+#: The methods the hypothesis compares: after seed 0 of everything, their other seeds run first.
 PHASES = (("cp-multi", "lora"), ("cp-lasso", "head", "full", "cp-single"))
 
 
@@ -448,10 +448,13 @@ def run_study(cfg: StudyConfig, output_dir, say=print) -> dict:
                    "train_rows": len(d.train), "test_rows": len(d.test), "splits": d.splits} for d in data],
         "runs": [], "task_similarity": None, "prepare_s": prep_s,
     }
-    # The methods the hypothesis compares run first, for every seed; then the rest. Results are written
-    # after every (phase, seed): a run stopped early keeps what it finished, and the table counts seeds.
-    phases = [[m for m in PHASES[0] if m in cfg.methods], [m for m in cfg.methods if m not in PHASES[0]]]
-    steps = [(p, seed) for p in phases if p for seed in cfg.seeds]
+    # Every method with the first seed; then, seed by seed, the methods the hypothesis compares; then the
+    # rest. Results are written after every (phase, seed): a run stopped early keeps what it finished
+    # (at least one seed of every method, as many of the compared ones as time allowed), and the
+    # table's n column counts the seeds of each row.
+    first = [m for m in PHASES[0] if m in cfg.methods]
+    rest = [m for m in cfg.methods if m not in PHASES[0]]
+    steps = [(first + rest, cfg.seeds[0])] + [(p, seed) for p in (first, rest) if p for seed in cfg.seeds[1:]]
     for n, (phase, seed) in enumerate(steps):
         rows, sim = run_seed(top, data, info, cfg, seed, phase, keep_similarity=seed == cfg.seeds[0])
         results["runs"] += rows
