@@ -116,3 +116,44 @@ def test_quick_study_end_to_end(tiny_bert, tmp_path):
         sum(cfg.single_rank * (i + o) for i, o in sizes) + 6 * cfg.single_rank + head)
     assert 0 <= by["head"]["metrics"]["bbc"]["accuracy"]["mean"] <= 100
     assert results["hypothesis"]["tested"] and len(results["hypothesis"]["candidates"]) == 2
+
+
+def _toy_data(n=24, length=5, hidden=HIDDEN):
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(length, hidden, generator=g) for _ in range(n)]
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return [quality.TaskData("t0", 2, ("a", "b"), rows, labels, rows[:6], labels[:6], {}),
+            quality.TaskData("t1", 2, ("a", "b"), rows[::-1], labels.flip(0), rows[:6], labels[:6], {})]
+
+
+def test_fit_learning_rate_of_c(tiny_bert):
+    """lr_c_factor scales C's learning rate alone: at 0, C stays at its init while A trains.
+
+    init "lora" (A = 0, C = 1) so that A gets a gradient from the first step whatever C's rate.
+    """
+    from transformers import AutoModel
+
+    top = quality.split_encoder(AutoModel.from_pretrained(tiny_bert), 1)
+    data = _toy_data()
+    for factor in (0.0, 1.0):
+        cfg = quality.StudyConfig(batch_size=8, warmup=0.0, lr_c_factor=factor, init="lora")
+        model = quality._cp_model(top, data, 3, cfg, HIDDEN)
+        layer = model.top.layer[0].attention.self.query
+        C0, A0 = layer.C.detach().clone(), layer.A.detach().clone()
+        quality.fit(model, data, 3, 1e-2, 0, cfg)
+        assert not torch.equal(layer.A, A0)
+        assert torch.equal(layer.C, C0) == (factor == 0.0)
+    scores = quality.evaluate(model, data, cfg)
+    assert set(scores) == {"t0", "t1"} and set(scores["t0"]) == {"accuracy", "macro_f1"}
+
+
+@pytest.mark.slow
+@needs_corpora
+def test_ablation_runs_each_variant(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "ABLATIONS", ({"lr_c_factor": 10.0}, {"lr": 3e-3, "lora": True}))
+    monkeypatch.setattr(quality, "ABLATION_RANK", 2)
+    cfg = quality.StudyConfig(**{**quality.QUICK, "model": str(tiny_bert), "steps": 3, "train_rows": 12,
+                                 "test_rows": 9, "tasks": ("bbc", "bbc-pair")})
+    results = quality.run_ablation(cfg, tmp_path, say=lambda *a: None)
+    assert [e["name"] for e in results["summary"]] == ["cp-multi r=2 lr_c_factor=10", "lora r=8 lr=0.003"]
+    assert "lr_c_factor=10" in (tmp_path / "ablation.md").read_text()

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..adapters import atomic_write
 
-__all__ = ["HYPOTHESIS", "summarise", "hypothesis", "markdown", "plot_accuracy_vs_params", "write_all"]
+__all__ = ["HYPOTHESIS", "summarise", "hypothesis", "markdown", "ablation_markdown", "plot_accuracy_vs_params",
+           "write_all"]
 
 #: Stated before the recorded run (README "Evidence on real text", docs/quality/README.md).
 HYPOTHESIS = ("CP multi-task at <= 1/10 of per-task LoRA's parameters per task comes within 1 point (accuracy or "
@@ -125,6 +126,19 @@ def markdown(results: dict) -> str:
                      f" | {'yes' if c['within_1_point_either_metric'] else 'no'} |")
     lines += ["", f"Verdict, counting parameters per task as marginal: **{'held' if h['held']['marginal'] else 'did not hold'}**; "
               f"as amortised: **{'held' if h['held']['amortised'] else 'did not hold'}**."]
+    return "\n".join(lines) + "\n"
+
+
+def ablation_markdown(results: dict) -> str:
+    """The ablation rows (one seed): per-task accuracy / macro-F1 and the setting that changed."""
+    tasks = [t["name"] for t in results["tasks"]]
+    lines = [f"Ablation, seed {results['config']['seeds'][0]}, commit `{results.get('commit')}` (one seed: "
+             "differences under ~1-2 points are within seed noise).", "",
+             "| setting | " + " | ".join(f"{t} acc | {t} F1" for t in tasks) + " | mean acc |",
+             "|" + "---|" * (2 + 2 * len(tasks))]
+    for e in results["summary"]:
+        cells = [e["name"]] + [f"{e['metrics'][t][m]['mean']:.1f}" for t in tasks for m in ("accuracy", "macro_f1")]
+        lines.append("| " + " | ".join(cells + [f"{e['mean_accuracy']['mean']:.1f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
