@@ -68,12 +68,12 @@ class StudyConfig:
     ranks: tuple = (4, 8, 16)
     single_rank: int = 8            # rank of cp-single
     lasso_rank: int = 16
-    lasso: tuple = (0.1, 0.3)       # group-lasso weights λ (proximal strength lr·λ per step)
+    lasso: tuple = (1.0, 3.0)       # group-lasso weights λ (run 1's 0.1 and 0.3 pruned 0 and 1 of 96)
     lasso_start: float = 0.3        # share of the steps before proximal steps begin (C starts at 0)
     lora_rank: int = 8
     lr: float = 1e-3                # CP factors, LoRA and heads
     lr_full: float = 1e-4           # full fine-tuning (BERT's usual range; 1e-3 diverges)
-    lr_head: float = 5e-3           # the linear probe alone (nothing else moves)
+    lr_head: float = 5e-3           # every method's task heads (run 1 trained them at the method's lr: under-trained)
     lr_c_factor: float = 1.0        # CP's C rows train at lr·lr_c_factor (an ablation knob)
     scale: float = 1.0
     init: str = "cp"
@@ -264,9 +264,11 @@ def fit(model: StudyModel, data: list[TaskData], steps: int, lr: float, seed: in
         from .. import sparsity
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    is_c = [n.endswith(".C") for n, _ in named]  # FusedCPLinear's per-task factor
-    groups = [{"params": [p for p, c in zip(params, is_c) if not c], "lr": lr},
-              {"params": [p for p, c in zip(params, is_c) if c], "lr": lr * cfg.lr_c_factor}]
+    # Three groups: the task heads train at one rate in every method (so that methods differ only in
+    # the encoder's update), C (FusedCPLinear's per-task factor) at lr·lr_c_factor, the rest at lr.
+    kind = ["head" if n.startswith("heads.") else "C" if n.endswith(".C") else "body" for n, _ in named]
+    rates = {"head": cfg.lr_head, "C": lr * cfg.lr_c_factor, "body": lr}
+    groups = [{"params": [p for p, k in zip(params, kind) if k == g], "lr": rates[g]} for g in rates]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     scheduler = linear_schedule(optimizer, int(cfg.warmup * steps), steps)
     sampler = MultiTaskSampler([len(d.train) for d in data], "uniform", seed=seed)
@@ -400,7 +402,7 @@ def run_seed(top, data, info, cfg: StudyConfig, seed: int, methods, keep_similar
     for method in ("lora", "head", "full", "cp-single"):
         if method not in methods:
             continue
-        lr = {"head": cfg.lr_head, "full": cfg.lr_full}.get(method, cfg.lr)
+        lr = {"full": cfg.lr_full}.get(method, cfg.lr)  # head: only the heads train, at cfg.lr_head
         setting = {"lora": f"r={cfg.lora_rank}", "cp-single": f"r={cfg.single_rank}"}.get(method, "")
         t0, metrics, counts, steps, losses = time.perf_counter(), {}, [], 0, []
         for d in data:
