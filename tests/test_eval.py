@@ -157,3 +157,21 @@ def test_ablation_runs_each_variant(tiny_bert, tmp_path, monkeypatch):
     results = quality.run_ablation(cfg, tmp_path, say=lambda *a: None)
     assert [e["name"] for e in results["summary"]] == ["cp-multi r=2 lr_c_factor=10", "lora r=8 lr=0.003"]
     assert "lr_c_factor=10" in (tmp_path / "ablation.md").read_text()
+
+
+def test_heads_train_at_one_rate_in_every_method(tiny_bert):
+    """Regression (run 1): the heads trained at each method's own rate, so `full` (1e-4) and the adapters
+    (1e-3) had under-trained heads next to the probe (5e-3). Now lr_head alone drives every head."""
+    from transformers import AutoModel
+
+    top = quality.split_encoder(AutoModel.from_pretrained(tiny_bert), 1)
+    d = _toy_data()[0]
+    cfg = quality.StudyConfig(batch_size=8, warmup=0.0, lr_head=0.0)
+    for method in ("full", "lora"):
+        model = quality._per_task_model(method, top, d, cfg, HIDDEN)
+        head0 = [p.detach().clone() for p in model.heads.parameters()]
+        body0 = [p.detach().clone() for p in model.top.parameters() if p.requires_grad]
+        quality.fit(model, [d], 3, 1e-2, 0, cfg)
+        assert all(torch.equal(a, b) for a, b in zip(head0, model.heads.parameters()))
+        body = [p for p in model.top.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(body0, body))
