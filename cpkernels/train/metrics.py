@@ -18,6 +18,7 @@ METRICS = {
     "accuracy": "classification",
     "f1": "classification",     # binary F1 of the positive class (label 1), as GLUE reports it
     "mcc": "classification",    # Matthews correlation (CoLA)
+    "macro_f1": "classification",  # unweighted mean of the per-class F1 (imbalanced multi-class tasks)
     "pearson": "regression",
     "spearman": "regression",
 }
@@ -30,6 +31,8 @@ def _metric(name: str, preds: np.ndarray, labels: np.ndarray) -> float:
         return float(accuracy_score(labels, preds))
     if name == "f1":
         return float(f1_score(labels, preds, pos_label=1, average="binary", zero_division=0.0))
+    if name == "macro_f1":
+        return float(f1_score(labels, preds, average="macro", zero_division=0.0))
     if name == "mcc":
         return float(matthews_corrcoef(labels, preds))
     from scipy.stats import pearsonr, spearmanr

