@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bench import report
+import report
 
 
 def _rec(case, provider, pass_, ms, peak=None):
