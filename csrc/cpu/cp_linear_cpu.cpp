@@ -26,6 +26,7 @@
 #include <algorithm>
 
 #include "common.h"
+#include "cpu/lowrank_cpu.h"
 
 namespace cpkernels {
 namespace {
@@ -75,7 +76,13 @@ std::tuple<at::Tensor, at::Tensor> cp_linear_fwd_cpu(const at::Tensor& x, const 
   check_cp_linear_args(x, weight, bias, A, B, C, task_ids);
   check_task_range(task_ids, C.size(0));
   const int64_t M = x.size(0), N = weight.size(0), r = A.size(1);
-  at::Tensor u = at::mm(x, B);  // (M, r), contiguous
+  at::Tensor u;  // (M, r), contiguous
+  if (!lowrank_shrink(x, B, u)) u = at::mm(x, B);
+  at::Tensor y;
+  if (lowrank_expand(u, A, bias, C, task_ids, scale, y)) {  // fp32: y = b + s·(u ⊙ C[t])·Aᵀ in one pass
+    y.addmm_(x, weight.t());
+    return {y, u};
+  }
   at::Tensor v = at::empty({M, r + 1}, x.options());
   const at::Tensor Cc = C.contiguous(), t = task_ids.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cp_linear_fwd_cpu", [&] {
@@ -92,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> cp_linear_fwd_cpu(const at::Tensor& x, const 
     Ab.select(1, r).copy_(*bias);
   else
     Ab.select(1, r).zero_();
-  at::Tensor y = at::empty({M, N}, x.options());
+  y = at::empty({M, N}, x.options());
   at::mm_out(y, v, Ab.t());
   y.addmm_(x, weight.t());
   return {y, u};
@@ -140,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const int64_t num_chunks = std::max<int64_t>(
       1, std::min({(M + kRowsPerChunk - 1) / kRowsPerChunk, kMaxChunks, kMaxPartialElems / std::max<int64_t>(1, T * r)}));
-  at::Tensor g = at::mm(grad_y, A);  // (M, r)
+  at::Tensor g;  // (M, r)
+  if (!lowrank_shrink(grad_y, A, g)) g = at::mm(grad_y, A);
   at::Tensor gs = (need_dx || need_dB) ? at::empty_like(g) : at::Tensor();
   at::Tensor v = need_dA ? at::empty_like(g) : at::Tensor();
   at::Tensor partial = need_dC ? at::zeros({num_chunks, T, r}, x.options().dtype(acc_type)) : at::Tensor();
@@ -167,7 +175,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
     for (int64_t c = 1; c < num_chunks; ++c) dC.add_(partial[c]);  // fixed chunk order: deterministic
     dC = dC.mul_(scale).to(x.scalar_type());
   }
-  return backward_gemms(grad_y, x, weight, B, gs, v, dC, mask);
+  // fp32: seed dX with gs·Bᵀ in one pass (lowrank_cpu.cpp), then let the shared GEMM half do the rest.
+  at::Tensor dx;
+  const bool fused_dx = need_dx && lowrank_expand(gs, B, c10::nullopt, at::Tensor(), at::Tensor(), 1.0, dx);
+  auto grads = backward_gemms(grad_y, x, weight, B, gs, v, dC, {need_dx && !fused_dx, need_dA, need_dB, need_dC, need_db});
+  if (fused_dx) std::get<0>(grads) = dx.addmm_(grad_y, weight);
+  return grads;
 }
 
 }  // namespace
