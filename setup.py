@@ -2,6 +2,8 @@
 
 Switches (environment variables):
   CPKERNELS_NO_EXT=1   build no extension at all (pure Python install: reference and Triton only)
+  CPKERNELS_NO_CUDA=1  build the CPU kernels only, even where CUDA could be built (a dev build in
+                       seconds instead of minutes; the cuda backend then reports itself missing)
   FORCE_CUDA=1         build the CUDA sources even when torch or the toolkit look CPU-only
   TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100 and H100/H200) when unset, since a
                        machine without a GPU has nothing to detect.
@@ -67,7 +69,8 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    with_cuda = _truthy("FORCE_CUDA") or (torch.version.cuda is not None and cuda_home is not None)
+    with_cuda = not _truthy("CPKERNELS_NO_CUDA") and (
+        _truthy("FORCE_CUDA") or (torch.version.cuda is not None and cuda_home is not None))
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     # -fopenmp: at::parallel_for is a header template; without it the loop runs on one thread.
@@ -89,7 +92,8 @@ def _extensions():
             extra_link_args=link_flags,
         )
     else:
-        reason = "no CUDA sources" if not cuda_sources else (
+        reason = "no CUDA sources" if not cuda_sources else "CPKERNELS_NO_CUDA is set" if _truthy(
+            "CPKERNELS_NO_CUDA") else (
             "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (nvcc) found")
         print(f"cpkernels: building the CPU extension only ({reason})")
         ext = cpp_extension.CppExtension(

@@ -20,13 +20,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import numbers
 import os
-import weakref
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import _ext
-from .reference import broadcast_task_ids, check_task_ids_dtype, cp_linear_reference
+from . import task_ids as task_ids_mod
+from .reference import cp_linear_reference
 
 __all__ = ["cp_linear", "available_backends", "explain_backend", "BACKENDS"]
 
@@ -150,11 +152,21 @@ def explain_backend(x: torch.Tensor, backend: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 # Registration: fake kernels and the one autograd formula
 # --------------------------------------------------------------------------------------------
+def _same_device(**tensors) -> None:
+    """The raw ops' fake kernels run when any argument is on meta; mixed devices must not pass as shapes."""
+    x = tensors["x"]
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"cp_linear: {name} is on {t.device} but x is on {x.device}; move them to one device")
+
+
 def _fake_fwd(x, weight, bias, A, B, C, task_ids, scale):
+    _same_device(x=x, weight=weight, bias=bias, A=A, B=B, C=C, task_ids=task_ids)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[1])
 
 
 def _fake_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale, output_mask):
+    _same_device(x=x, grad_y=grad_y, weight=weight, A=A, B=B, C=C, task_ids=task_ids, u=u)
     shapes = (x.shape, A.shape, B.shape, C.shape, weight.shape[:1])
     return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, output_mask))
 
@@ -165,11 +177,32 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+def _differentiable_backward(grad_y, x, weight, A, B, C, task_ids, scale):
+    """The backward formulas of ARCHITECTURE §1 in plain differentiable torch ops (for create_graph=True).
+
+    Used when the backward itself is recorded (double backward, gradient penalties): the fused
+    kernels are not differentiable, these are, to any order. Rows with id -1 select a zero row of C.
+    """
+    c = task_ids_mod.gather_rows(C, task_ids)  # (M, r)
+    u, g = x @ B, grad_y @ A
+    gc = g * c
+    dx = grad_y @ weight + scale * (gc @ B.t())
+    dA = scale * (grad_y.t() @ (u * c))
+    dB = scale * (x.t() @ gc)
+    # Segment sum as a one-hot product: a row with id -1 matches no task. (M × T: only this path.)
+    one_hot = (task_ids.unsqueeze(1) == torch.arange(C.shape[0], device=C.device)).to(u.dtype)
+    dC = scale * (one_hot.t() @ (u * g))
+    return dx, dA, dB, dC, grad_y.sum(0)
+
+
 def _make_backward(bwd_op):
     def backward(ctx, grad_y, _grad_u):
         x, weight, A, B, C, task_ids, u = ctx.saved_tensors
         nx, _, nb, nA, nB, nC, _, _ = ctx.needs_input_grad
-        dx, dA, dB, dC, db = bwd_op(grad_y, x, weight, A, B, C, task_ids, u, ctx.scale, [nx, nA, nB, nC, nb])
+        if torch.is_grad_enabled():  # backward(create_graph=True): the gradients must carry a graph
+            dx, dA, dB, dC, db = _differentiable_backward(grad_y, x, weight, A, B, C, task_ids, ctx.scale)
+        else:
+            dx, dA, dB, dC, db = bwd_op(grad_y, x, weight, A, B, C, task_ids, u, ctx.scale, [nx, nA, nB, nC, nb])
         keep = lambda g, need: g if need else None  # noqa: E731
         return keep(dx, nx), None, keep(db, nb), keep(dA, nA), keep(dB, nB), keep(dC, nC), None, None
 
@@ -221,9 +254,17 @@ def _shape(t) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
-def _check_tensor(name: str, t, x: torch.Tensor, *, same_dtype: bool) -> None:
+def _check_is_tensor(name: str, t) -> None:
+    """A tensor, and a dense one: lists, numpy arrays, None and sparse tensors are refused by name."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        hint = " (convert it with torch.as_tensor)" if hasattr(t, "__array__") or isinstance(t, (list, tuple)) else ""
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}{hint}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}; call .to_dense() first")
+
+
+def _check_tensor(name: str, t, x: torch.Tensor, *, same_dtype: bool) -> None:
+    _check_is_tensor(name, t)
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
     if same_dtype and t.dtype != x.dtype:
@@ -233,9 +274,7 @@ def _check_tensor(name: str, t, x: torch.Tensor, *, same_dtype: bool) -> None:
 
 
 def _check_inputs(x, weight, bias, A, B, C, task_ids) -> torch.Tensor:
-    """Validate every argument; return the task ids as a contiguous (M,) integer tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    """Validate every argument; return the task ids as a contiguous (M,) integer tensor (cpkernels.task_ids)."""
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 (float64 for testing), got {x.dtype}")
     if x.dim() < 1:
@@ -263,66 +302,25 @@ def _check_inputs(x, weight, bias, A, B, C, task_ids) -> torch.Tensor:
         raise ValueError(f"B has shape {_shape(B)}, expected (d_in={d_in}, r={r}); A is {_shape(A)}")
     if C.shape[1] != r:
         raise ValueError(f"C has shape {_shape(C)}, expected (num_tasks, r={r}); A is {_shape(A)}, B is {_shape(B)}")
-
     if isinstance(task_ids, torch.Tensor):
-        check_task_ids_dtype(task_ids)
+        task_ids_mod.check_dtype(task_ids)
         if task_ids.device != x.device:
             raise ValueError(f"task_ids is on {task_ids.device} but x is on {x.device}")
-        if task_ids.dtype not in (torch.int32, torch.int64):
-            task_ids = task_ids.long()
-    return _flat_task_ids(task_ids, x.shape[:-1], x.device, C.shape[0])
+    return task_ids_mod.resolve(task_ids, x.shape[:-1], x.device, C.shape[0])
 
 
-# Task-id tensors already checked, keyed by identity: every layer of a model usually receives the
-# same ids tensor (task_context), so the value check (and the host sync it costs on CUDA) and the
-# flattening copy of per-sample ids happen once per batch, not once per layer. An entry holds a weak
-# reference to the tensor, the in-place version it was checked at, the number of tasks it needs, and
-# the flat (M,) ids for one leading shape. (A WeakKeyDictionary would compare tensors with ==, so the
-# map is keyed by id() and the weak reference removes the entry when the tensor dies.)
-_checked_ids: dict[int, tuple] = {}
-
-
-def _flat_task_ids(task_ids, lead_shape: torch.Size, device, num_tasks: int) -> torch.Tensor:
-    """Check task_ids' form and values; return them as a contiguous (M,) tensor, one id per row.
-
-    Out-of-range ids raise IndexError. Under torch.compile the value check becomes an async device
-    assertion, and during CUDA-graph capture no check is possible (nothing is cached either, so a
-    replay reads the ids tensor itself). The Triton and CUDA kernels never read out of bounds even
-    unchecked (a row with a bad id gets no low-rank update); the CPU kernel checks again and raises.
-    CPKERNELS_CHECK_TASK_IDS=off skips the check here.
-    """
-    flat = broadcast_task_ids(task_ids, lead_shape, device).reshape(-1)  # checks type and shape
-    if isinstance(task_ids, int):
-        if not 0 <= task_ids < num_tasks:
-            raise IndexError(f"task_ids={task_ids} is outside [0, num_tasks={num_tasks}) (num_tasks = C.shape[0])")
-        return flat
-    if torch.compiler.is_compiling() or (task_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if torch.compiler.is_compiling() and flat.numel() and os.environ.get("CPKERNELS_CHECK_TASK_IDS") != "off":
-            ok = (flat.min() >= 0) & (flat.max() < num_tasks)
-            torch._assert_async(ok, f"cp_linear: a task id is outside [0, num_tasks={num_tasks})")
-        return flat.contiguous()
-    key = id(task_ids)
-    seen = _checked_ids.get(key)
-    if (seen is not None and seen[0]() is task_ids and seen[1] == task_ids._version and seen[2] <= num_tasks
-            and seen[3] == lead_shape):
-        return seen[4] if seen[4] is not None else flat
-    flat = flat.contiguous()
-    needed = 0
-    if flat.numel() and os.environ.get("CPKERNELS_CHECK_TASK_IDS") != "off":
-        lo, hi = (int(v) for v in torch.aminmax(flat))
-        if lo < 0 or hi >= num_tasks:
-            i = int(((flat < 0) | (flat >= num_tasks)).nonzero()[0, 0])
-            raise IndexError(f"task_ids must lie in [0, num_tasks={num_tasks}) (num_tasks = C.shape[0]); "
-                             f"row {i} has task id {int(flat[i])}")
-        needed = hi + 1
-    elif flat.numel():
-        needed = num_tasks  # unchecked: valid for this num_tasks only
-    # Keep only a copy: a view would keep task_ids itself alive (views pin their base), and the entry
-    # would never be dropped. A view costs nothing to rebuild anyway.
-    copied = flat.untyped_storage().data_ptr() != task_ids.untyped_storage().data_ptr()
-    _checked_ids[key] = (weakref.ref(task_ids, lambda _, k=key: _checked_ids.pop(k, None)), task_ids._version,
-                         needed, lead_shape, flat if copied else None)
-    return flat
+def _check_scale(scale) -> float:
+    """scale is a fixed constant (like LoRA's alpha / r): a real number, or a tensor that needs no grad."""
+    if isinstance(scale, torch.Tensor):
+        if scale.requires_grad:
+            raise TypeError("scale is a tensor that requires grad, but cp_linear treats scale as a constant and "
+                            "would drop its gradient; pass a float (or scale.detach()), or train a factor instead")
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a single number, got a tensor of shape {tuple(scale.shape)}")
+        return float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number (int or float), got {type(scale).__name__} {scale!r}")
+    return float(scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +336,23 @@ def _autocast_inputs(x, weight, bias):
     return x, weight, bias
 
 
+def _needs_reference(A: torch.Tensor) -> str | None:
+    """Why the fused kernels cannot serve this call (the reference then does, exactly), or None.
+
+    Forward-mode AD and torch.func transforms (jvp, grad, vmap, jacrev) would reach the custom ops,
+    which have no forward derivative or batching rule: the tangent would be dropped or the call fail.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): inputs may carry tangents
+        return "forward-mode AD is active"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform is active"
+    if A.shape[1] == 0:  # rank 0 (every component pruned): empty factor gradients, no kernel work
+        return "rank 0"
+    return None
+
+
 def cp_linear(x, weight, bias, A, B, C, task_ids, scale=1.0, *, backend=None):
     """Compute ``x·weightᵀ + bias + scale · ((x·B) ⊙ C[task_ids]) · Aᵀ`` with a fused backend.
 
@@ -348,20 +363,31 @@ def cp_linear(x, weight, bias, A, B, C, task_ids, scale=1.0, *, backend=None):
         A, B, C: the CP factors, (d_out, r), (d_in, r), (num_tasks, r). May be float32 master
             weights for a half-precision x; they are used in x's dtype and get gradients in their own.
         task_ids: an int, or an integer tensor of shape x.shape[:-1] (per row) or (x.shape[0],)
-            (per sample).
-        scale: the fixed scalar s.
+            (per sample). An id in [0, num_tasks) selects C[id]; -1 means no adapter (the row gets
+            x·weightᵀ + bias only). See `cpkernels.task_ids` for the full contract.
+        scale: the fixed scalar s (a number; a tensor that requires grad is refused).
         backend: "triton", "cuda", "cpu" or "reference"; default from CPKERNELS_BACKEND, else automatic.
 
     Returns:
         A (*, d_out) tensor in x's dtype.
     """
+    _check_is_tensor("x", x)
+    _check_is_tensor("weight", weight)
+    if bias is not None:
+        _check_is_tensor("bias", bias)
+    scale = _check_scale(scale)
     x, weight, bias = _autocast_inputs(x, weight, bias)
     t = _check_inputs(x, weight, bias, A, B, C, task_ids)
-    if A.shape[1] == 0:  # rank 0 (every component pruned): no update; backends only see r >= 1
-        return torch.nn.functional.linear(x, weight, bias)
     name = _choose_backend(x.device.type, _requested_backend(backend), x.dtype)
+    why = _needs_reference(A)
+    if why is not None:
+        log.debug("cp_linear: %s, so the reference computes this call instead of %s", why, name)
+        name = "reference"
     A, B, C = A.to(x.dtype), B.to(x.dtype), C.to(x.dtype)
     if name == "reference":
         return cp_linear_reference(x, weight, bias, A, B, C, t.reshape(x.shape[:-1]), scale)
-    y, _ = _forward_op(name)(x.reshape(-1, x.shape[-1]), weight, bias, A, B, C, t, float(scale))
+    # Backends get clean inputs: 2-D x (reshape by the row count, which d_in = 0 cannot infer) and a
+    # contiguous bias (a strided or expanded bias, e.g. torch.randn(1).expand(n), has stride != 1).
+    y, _ = _forward_op(name)(x.reshape(t.shape[0], x.shape[-1]), weight,
+                             bias.contiguous() if bias is not None else None, A, B, C, t, scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])

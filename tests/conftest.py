@@ -4,11 +4,19 @@
   device machine through bench/device_check.sh.
 * Every test starts from its own fixed seed, so failures reproduce while each test still draws
   fresh random inputs of its own.
+* Without a GPU, the Triton kernels run on CPU tensors through the interpreter (the conformance
+  suite's triton-interp backend). TRITON_INTERPRET must be set before triton is first imported,
+  since triton.jit reads it when the kernels are defined: hence here, before any test module.
+  It never changes the automatic backend choice (ops._auto_order never picks triton for CPU tensors).
 """
+import os
 import zlib
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

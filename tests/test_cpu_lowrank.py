@@ -28,6 +28,18 @@ def test_fused_fp32_matches_reference(M, d_in, d_out, r, bias):
     assert_close_to_reference(cpu_op, inp, 0.7, grad=True)
 
 
+def test_no_adapter_rows_get_the_plain_linear():
+    """Task id -1 means no adapter: those rows are exactly x·W0ᵀ + b and add nothing to the factor grads."""
+    inp = make_inputs(70, 33, 65, 9, 4, dtype=torch.float32)
+    inp["task_ids"][::3] = -1
+    assert_close_to_reference(cpu_op, inp, 0.7, grad=True)
+    with torch.no_grad():
+        y = cpu_op(**inp, scale=0.7)
+        plain = torch.nn.functional.linear(inp["x"], inp["weight"], inp["bias"])
+    rows = inp["task_ids"] == -1
+    torch.testing.assert_close(y[rows], plain[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_row_strided_input_is_read_in_place():
     """x a column slice of a wider tensor (row stride > d_in): the shrink reads it with its stride."""
     inp = make_inputs(75, 40, 33, 5, 3, dtype=torch.float32)

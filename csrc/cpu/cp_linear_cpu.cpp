@@ -14,9 +14,16 @@
 //           dX = gs·Bᵀ + dY·W0                seeded with the rank-r product, big GEMM beta = 1
 //           dA = dYᵀ·v,  dB = xᵀ·gs,  db = Σ dY
 //
+// Task ids (cpkernels/task_ids.py): a row whose id lies outside [0, T) gets no adapter, as -1
+// means: its low-rank row is 0 (y = x·W0ᵀ + b, dX = dY·W0) and it adds nothing to dC. ops.py has
+// already raised IndexError for any id other than -1 wherever a check can run; this mask is what
+// keeps the kernel in bounds where none can (torch.compile graphs, direct calls to the raw op).
+//
 // dC is a segment sum over task ids. To be deterministic whatever the thread count, rows are
 // cut into a number of chunks that depends on M only; each chunk sums its rows in order into
-// its own slot, and the slots are added in chunk order afterwards.
+// its own slot, and the slots are added in chunk order afterwards. dA, dB and db come from MKL
+// GEMMs, whose reduction over M splits by thread count; under torch.use_deterministic_algorithms
+// they come from fixed_order_tn instead, which is bitwise independent of the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common.h"
 #include "cpu/lowrank_cpu.h"
@@ -43,30 +51,68 @@ constexpr int64_t kMaxPartialElems = int64_t(1) << 24;
 // to hand out than to run.
 constexpr int64_t kElemsPerTask = 8192;
 
-void check_task_range(const at::Tensor& task_ids, int64_t num_tasks) {
-  if (task_ids.numel() == 0) return;
-  auto [lo, hi] = at::aminmax(task_ids);
-  const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-  TORCH_CHECK_INDEX(lo_v >= 0 && hi_v < num_tasks, "cp_linear: task_ids must lie in [0, num_tasks=", num_tasks,
-                    "), got values in [", lo_v, ", ", hi_v, "]");
+// Row i's C row, or null when its id is outside [0, T): -1 (no adapter), or an unchecked bad id.
+template <typename scalar_t, typename index_t>
+inline const scalar_t* task_row(const scalar_t* C, const index_t* t, int64_t i, int64_t r, int64_t T) {
+  const int64_t task = static_cast<int64_t>(t[i]);
+  return (task >= 0 && task < T) ? C + task * r : nullptr;
 }
 
-// v[i, :r] = s · u[i, :] ⊙ C[t_i, :] and v[i, r] = 1 (u and C row-major, contiguous; v has r + 1
-// columns so that the seeding GEMM adds the bias too).
+// v[i, :r] = s · u[i, :] ⊙ C[t_i, :] (0 for a row without adapter) and v[i, r] = 1 (u and C
+// row-major, contiguous; v has r + 1 columns so that the seeding GEMM adds the bias too).
 template <typename scalar_t, typename index_t>
 void gather_scale(const scalar_t* u, const scalar_t* C, const index_t* t, scalar_t* v, int64_t M, int64_t r,
-                  double scale) {
+                  int64_t T, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t s = static_cast<acc_t>(scale);
   at::parallel_for(0, M, std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(r, 1)), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const scalar_t* c = C + static_cast<int64_t>(t[i]) * r;
+      const scalar_t* c = task_row(C, t, i, r, T);
       scalar_t* vi = v + i * (r + 1);
       for (int64_t k = 0; k < r; ++k)
-        vi[k] = static_cast<scalar_t>(s * static_cast<acc_t>(u[i * r + k]) * static_cast<acc_t>(c[k]));
+        vi[k] = c ? static_cast<scalar_t>(s * static_cast<acc_t>(u[i * r + k]) * static_cast<acc_t>(c[k]))
+                  : scalar_t(0);
       vi[r] = scalar_t(1);
     }
   });
+}
+
+// out (P, Q) = aᵀ·b for row-major contiguous a (M, P) and b (M, Q): each output element is summed
+// over the rows in row order by one thread (threads split the P columns), so the result is bitwise
+// the same for any thread count. A plain loop, not a GEMM: only the deterministic mode pays for it.
+template <typename scalar_t>
+void fixed_order_tn(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t M, int64_t P, int64_t Q) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // 64 columns × Q accumulators per block stay in L1 for the ranks used here; blocks are the tasks.
+  constexpr int64_t kCols = 64;
+  at::parallel_for(0, (P + kCols - 1) / kCols, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<acc_t> acc(kCols * Q);
+    for (int64_t blk = pb; blk < pe; ++blk) {
+      const int64_t p0 = blk * kCols, np = std::min(kCols, P - p0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t i = 0; i < M; ++i) {
+        const scalar_t* ai = a + i * P + p0;
+        const scalar_t* bi = b + i * Q;
+        for (int64_t p = 0; p < np; ++p) {
+          const acc_t ap = static_cast<acc_t>(ai[p]);
+          for (int64_t q = 0; q < Q; ++q) acc[p * Q + q] += ap * static_cast<acc_t>(bi[q]);
+        }
+      }
+      for (int64_t p = 0; p < np; ++p)
+        for (int64_t q = 0; q < Q; ++q) out[(p0 + p) * Q + q] = static_cast<scalar_t>(acc[p * Q + q]);
+    }
+  });
+}
+
+// aᵀ·b (see fixed_order_tn) as a new (a.size(1), b.size(1)) tensor.
+at::Tensor fixed_order_tn(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor out = at::empty({a.size(1), b.size(1)}, a.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "cp_linear_fixed_order_tn", [&] {
+    fixed_order_tn<scalar_t>(ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
+                             out.mutable_data_ptr<scalar_t>(), a.size(0), a.size(1), b.size(1));
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> cp_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -74,10 +120,9 @@ std::tuple<at::Tensor, at::Tensor> cp_linear_fwd_cpu(const at::Tensor& x, const 
                                                      const at::Tensor& B, const at::Tensor& C,
                                                      const at::Tensor& task_ids, double scale) {
   check_cp_linear_args(x, weight, bias, A, B, C, task_ids);
-  check_task_range(task_ids, C.size(0));
-  const int64_t M = x.size(0), N = weight.size(0), r = A.size(1);
-  at::Tensor u;  // (M, r), contiguous
-  if (!lowrank_shrink(x, B, u)) u = at::mm(x, B);
+  const int64_t M = x.size(0), N = weight.size(0), r = A.size(1), T = C.size(0);
+  at::Tensor u;  // (M, r), contiguous: the row loops rely on it
+  if (!lowrank_shrink(x, B, u)) u = at::mm(x, B).contiguous();
   at::Tensor y;
   if (lowrank_expand(u, A, bias, C, task_ids, scale, y)) {  // fp32: y = b + s·(u ⊙ C[t])·Aᵀ in one pass
     y.addmm_(x, weight.t());
@@ -88,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> cp_linear_fwd_cpu(const at::Tensor& x, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cp_linear_fwd_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(t.scalar_type(), "cp_linear_fwd_cpu_ids", [&] {
       gather_scale<scalar_t, index_t>(u.const_data_ptr<scalar_t>(), Cc.const_data_ptr<scalar_t>(),
-                                      t.const_data_ptr<index_t>(), v.mutable_data_ptr<scalar_t>(), M, r, scale);
+                                      t.const_data_ptr<index_t>(), v.mutable_data_ptr<scalar_t>(), M, r, T, scale);
     });
   });
   // [A | b]: the bias column meets v's column of ones (zeros without a bias). Two plain copies:
@@ -119,8 +164,15 @@ void backward_rows(const scalar_t* u, const scalar_t* g, const scalar_t* C, cons
       acc_t* slot = partial ? partial + chunk * T * r : nullptr;
       const int64_t end = std::min(M, (chunk + 1) * rows_per_chunk);
       for (int64_t i = chunk * rows_per_chunk; i < end; ++i) {
+        const scalar_t* c = task_row(C, t, i, r, T);
+        if (!c) {  // no adapter: zero low-rank rows, nothing added to dC
+          for (int64_t k = 0; k < r; ++k) {
+            if (gs) gs[i * r + k] = scalar_t(0);
+            if (v) v[i * r + k] = scalar_t(0);
+          }
+          continue;
+        }
         const int64_t task = static_cast<int64_t>(t[i]);
-        const scalar_t* c = C + task * r;
         for (int64_t k = 0; k < r; ++k) {
           const acc_t ck = static_cast<acc_t>(c[k]);
           const acc_t uk = static_cast<acc_t>(u[i * r + k]);
@@ -139,16 +191,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
     const at::Tensor& B, const at::Tensor& C, const at::Tensor& task_ids, const at::Tensor& u, double scale,
     std::array<bool, 5> mask) {
   check_cp_linear_bwd_args(grad_y, x, weight, A, B, C, task_ids, u);
-  check_task_range(task_ids, C.size(0));
   const int64_t M = x.size(0), r = A.size(1), T = C.size(0);
   const auto [need_dx, need_dA, need_dB, need_dC, need_db] = mask;
-  (void)need_db;  // db is the shared GEMM half's business
 
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const int64_t num_chunks = std::max<int64_t>(
       1, std::min({(M + kRowsPerChunk - 1) / kRowsPerChunk, kMaxChunks, kMaxPartialElems / std::max<int64_t>(1, T * r)}));
-  at::Tensor g;  // (M, r)
-  if (!lowrank_shrink(grad_y, A, g)) g = at::mm(grad_y, A);
+  at::Tensor g;  // (M, r), contiguous: the row loop relies on it
+  if (!lowrank_shrink(grad_y, A, g)) g = at::mm(grad_y, A).contiguous();
   at::Tensor gs = (need_dx || need_dB) ? at::empty_like(g) : at::Tensor();
   at::Tensor v = need_dA ? at::empty_like(g) : at::Tensor();
   at::Tensor partial = need_dC ? at::zeros({num_chunks, T, r}, x.options().dtype(acc_type)) : at::Tensor();
@@ -176,11 +226,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
     dC = dC.mul_(scale).to(x.scalar_type());
   }
   // fp32: seed dX with gs·Bᵀ in one pass (lowrank_cpu.cpp), then let the shared GEMM half do the rest.
-  at::Tensor dx;
-  const bool fused_dx = need_dx && lowrank_expand(gs, B, c10::nullopt, at::Tensor(), at::Tensor(), 1.0, dx);
-  auto grads = backward_gemms(grad_y, x, weight, B, gs, v, dC, {need_dx && !fused_dx, need_dA, need_dB, need_dC, need_db});
-  if (fused_dx) std::get<0>(grads) = dx.addmm_(grad_y, weight);
-  return grads;
+  at::Tensor dx_seed;
+  const bool fused_dx = need_dx && lowrank_expand(gs, B, c10::nullopt, at::Tensor(), at::Tensor(), 1.0, dx_seed);
+  // Deterministic mode: the reductions over M (dA, dB, db) in a fixed order; dX and dC as usual
+  // (dX reduces over d_out and r, never over M, so no thread split reaches its sums).
+  const bool fixed_order = at::globalContext().deterministicAlgorithms();
+  auto [dx, dA, dB, dC_out, db] = backward_gemms(
+      grad_y, x, weight, B, gs, v, dC,
+      {need_dx && !fused_dx, need_dA && !fixed_order, need_dB && !fixed_order, need_dC, need_db && !fixed_order});
+  if (fused_dx) dx = dx_seed.addmm_(grad_y, weight);
+  if (fixed_order) {
+    if (need_dA) dA = fixed_order_tn(grad_y, v);
+    if (need_dB) dB = fixed_order_tn(x, gs);
+    if (need_db) db = fixed_order_tn(grad_y, at::ones({M, 1}, grad_y.options())).view({-1});
+  }
+  return {dx, dA, dB, dC_out, db};
 }
 
 }  // namespace

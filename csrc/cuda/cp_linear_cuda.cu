@@ -22,12 +22,16 @@
 // either (multi-block sums go through a staging buffer reduced in a fixed order): reproducible
 // run to run on one device, though the split (and so the last bits) may differ between GPU models.
 //
-// Task ids. The kernels never look at the ids on the host: that would cost a device→host sync
-// per call. Instead a row whose id lies outside [0, T) is masked on the device: it reads nothing
-// from C, gets no low-rank update (its v and gs rows are 0, so y = x·W0ᵀ + b and dX = dY·W0 for
-// it) and adds nothing to dC. Nothing is read or written out of bounds. cpkernels.cp_linear
-// (ops.py) checks each distinct ids tensor once, eagerly (IndexError), before calling; under
-// torch.compile an async device assertion does it instead.
+// Task ids (cpkernels/task_ids.py). The kernels never look at the ids on the host: that would cost
+// a device→host sync per call. A row whose id lies outside [0, T) is treated as -1, "no adapter":
+// it reads nothing from C, gets no low-rank update (its v and gs rows are 0, so y = x·W0ᵀ + b and
+// dX = dY·W0 for it) and adds nothing to dC. Nothing is read or written out of bounds. ops.py has
+// already raised IndexError for any id other than -1 wherever a check can run; inside torch.compile
+// graphs and CUDA-graph replays none can, and this mask is the semantics there.
+//
+// Pointers. Every raw pointer below addresses a tensor made contiguous here (C, t, u via
+// .contiguous(), or fresh ATen outputs: v, gs, g, partial, dC); everything else (x, weight, bias,
+// A, B, grad_y) reaches only ATen GEMMs and sums, which honour strides.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -257,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> cp_linear_fwd_cuda(const at::Tensor& x, const
     at::addmm_out(y, *bias, x, weight.t());
   else
     at::mm_out(y, x, weight.t());
-  at::Tensor u = at::mm(x, B);  // (M, r), contiguous
+  at::Tensor u = at::mm(x, B).contiguous();  // (M, r); contiguous already, scale_rows relies on it
   at::Tensor v = at::empty_like(u);
   scale_rows(u, v, at::Tensor(), at::Tensor(), C.contiguous(), task_ids.contiguous(), scale);
   y.addmm_(v, A.t());
@@ -275,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
   (void)need_db;  // db is the shared GEMM half's business
 
   const at::Tensor uc = u.contiguous(), Cc = C.contiguous(), t = task_ids.contiguous();
-  at::Tensor g = at::mm(grad_y, A);  // (M, r), contiguous
+  at::Tensor g = at::mm(grad_y, A).contiguous();  // (M, r); contiguous already, the kernels rely on it
   at::Tensor gs = (need_dx || need_dB) ? at::empty_like(g) : at::Tensor();
   at::Tensor v = need_dA ? at::empty_like(g) : at::Tensor();
   scale_rows(uc, v, g, gs, Cc, t, scale);

@@ -1,0 +1,208 @@
+"""Every task-id rule of `cp_linear`, in one place (ARCHITECTURE §2).
+
+The contract:
+  * dtype: an int, or an integer tensor (int32/int64; other integer dtypes are widened). Floats,
+    booleans, complex numbers and sparse tensors are refused, never rounded.
+  * form: a Python int (one task for the whole call), a tensor of shape x.shape[:-1] (one task per
+    row), of shape (x.shape[0],) (one task per sample, broadcast over the other leading dims), or 0-d.
+  * values: an id in [0, num_tasks) selects C[id]; NO_ADAPTER (-1) means "no adapter": the row gets
+    exactly x·W0ᵀ + b and contributes nothing to dA, dB or dC. Any other id raises TaskIdError (an
+    IndexError, and a ValueError) naming task_ids, the row and num_tasks.
+  * Where no check can run (inside torch.compile graphs, during CUDA-graph capture, on meta tensors,
+    or with CPKERNELS_CHECK_TASK_IDS=off), every backend treats an out-of-range row as -1: it never
+    reads out of bounds, and the row gets the base layer only.
+
+The check cache is safe by construction: it never trusts a tensor that someone else can modify.
+`own()` copies ids into a fresh tensor the library owns, checks its values once (one aminmax, so one
+host sync per batch on CUDA) and records (min, max) in a weak-keyed map. `resolve()` recognises an
+owned tensor and only compares that range with each layer's num_tasks, on the host: no device sync
+and no re-check per layer. Any other tensor is checked on every call: its memory may change behind
+our back (numpy views, `.data` writes, inference-mode tensors with no version counter).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["NO_ADAPTER", "TaskIdError", "check_dtype", "broadcast", "own", "is_owned", "resolve", "gather_rows"]
+
+#: The id of a row that gets no adapter (the LoRA serving convention).
+NO_ADAPTER = -1
+
+
+class TaskIdError(IndexError, ValueError):
+    """A task id outside [0, num_tasks) other than -1. An IndexError (an index into C) that is also a
+    ValueError (a bad argument value), so either `except` clause catches it."""
+
+
+def check_dtype(task_ids: torch.Tensor) -> None:
+    """Task ids index rows of C: floats, complex numbers, booleans and sparse tensors are refused."""
+    if task_ids.layout != torch.strided:
+        raise TypeError(f"task_ids must be a dense tensor, got layout {task_ids.layout}")
+    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+        raise TypeError(f"task_ids must be an integer tensor (int32 or int64), got dtype {task_ids.dtype}")
+
+
+def _check_type(task_ids) -> None:
+    if isinstance(task_ids, bool) or not isinstance(task_ids, (int, torch.Tensor)):
+        raise TypeError(f"task_ids must be an int or an integer tensor, got {type(task_ids).__name__}")
+    if isinstance(task_ids, torch.Tensor):
+        check_dtype(task_ids)
+
+
+def broadcast(task_ids, lead_shape, device) -> torch.Tensor:
+    """Expand `task_ids` to one id per row of x, i.e. to shape `lead_shape` (= x.shape[:-1]).
+
+    Checks the type and the form, not the values. The result may be a broadcast view.
+    """
+    lead_shape = torch.Size(lead_shape)
+    _check_type(task_ids)
+    if isinstance(task_ids, int):
+        _check_int(task_ids)
+        return torch.full(lead_shape, task_ids, dtype=torch.int64, device=device)
+    if task_ids.shape == lead_shape:
+        return task_ids
+    if len(lead_shape) >= 1 and task_ids.shape == lead_shape[:1]:
+        return task_ids.reshape(task_ids.shape + (1,) * (len(lead_shape) - 1)).expand(lead_shape)
+    if task_ids.dim() == 0:
+        return task_ids.expand(lead_shape)
+    raise ValueError(
+        f"task_ids has shape {tuple(task_ids.shape)}, but x has leading shape {tuple(lead_shape)}: "
+        f"expected {tuple(lead_shape)} (one task per row) or {tuple(lead_shape[:1])} (one task per sample)"
+    )
+
+
+def _range_error(what: str, num_tasks: int | None) -> TaskIdError:
+    allowed = f"[0, num_tasks={num_tasks}) (num_tasks = C.shape[0])" if num_tasks is not None else "[0, num_tasks)"
+    return TaskIdError(f"task_ids must lie in {allowed} or be -1 (no adapter); {what}")
+
+
+def _check_int(task_id: int, num_tasks: int | None = None) -> None:
+    # Checked before any tensor is made: an int beyond int64 must not surface as an overflow error.
+    if task_id < NO_ADAPTER or (num_tasks is not None and task_id >= num_tasks) or task_id >= 2 ** 63:
+        raise _range_error(f"got task_ids={task_id}", num_tasks)
+
+
+def _first_bad(ids: torch.Tensor, num_tasks: int | None) -> TaskIdError:
+    """The error for the first out-of-range entry of `ids` (there is one); names its index."""
+    bad = ids < NO_ADAPTER
+    if num_tasks is not None:
+        bad |= ids >= num_tasks
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    where = f"row {index[0]}" if len(index) == 1 else f"task_ids{list(index)}"
+    return _range_error(f"{where} has task id {int(ids[index])}", num_tasks)
+
+
+def _checks_enabled() -> bool:
+    return os.environ.get("CPKERNELS_CHECK_TASK_IDS", "on").lower() not in ("off", "0", "false", "no")
+
+
+def _cannot_check(ids: torch.Tensor) -> bool:
+    """No values can be read: compiled graphs, CUDA-graph capture, meta tensors, torch.func (vmap) wrappers."""
+    return (torch.compiler.is_compiling() or ids.device.type == "meta"
+            or (ids.is_cuda and torch.cuda.is_current_stream_capturing())
+            or torch._C._functorch.is_functorch_wrapped_tensor(ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# Owned ids: checked once per batch
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Owned:
+    lo: int  # min and max of the values; (0, -1) for an empty tensor
+    hi: int
+    flat: dict = field(default_factory=dict)  # lead shape -> contiguous (M,) copy (per-sample form only)
+
+
+# Keyed by identity (a tensor's == is elementwise), weakly: an entry dies with its tensor. A value
+# never references its key (the flat copies are copies, not views), so nothing is kept alive.
+_owned: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def own(task_ids, device=None) -> torch.Tensor:
+    """Copy `task_ids` (an int, a list of ints or an integer tensor) into a fresh tensor the library owns.
+
+    The values are checked once here (ids below -1 raise now; the upper bound is compared with each
+    layer's num_tasks without touching the device) and `cp_linear` then skips the per-call check for
+    this tensor. Give it to cp_linear / the layers and do not modify it in place: the library relies on
+    nobody else writing to it (that is what makes the cache safe). Works under torch.inference_mode.
+    """
+    if isinstance(task_ids, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in task_ids):
+            raise TypeError(f"task_ids given as a {type(task_ids).__name__} must hold ints only, got {task_ids!r}")
+        for t in task_ids:
+            _check_int(t)
+        task_ids = torch.tensor(task_ids, dtype=torch.int64)
+    elif isinstance(task_ids, int) and not isinstance(task_ids, bool):
+        _check_int(task_ids)
+        task_ids = torch.tensor(task_ids, dtype=torch.int64)
+    else:
+        _check_type(task_ids)
+    dtype = task_ids.dtype if task_ids.dtype in (torch.int32, torch.int64) else torch.int64
+    owned = task_ids.to(device=device if device is not None else task_ids.device, dtype=dtype, copy=True)
+    if owned.device.type == "meta":
+        raise ValueError("task_ids on the meta device have no values to own; pass them to cp_linear directly")
+    if owned.numel() == 0:
+        lo, hi = 0, -1
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(owned))  # the one host sync per batch
+        if lo < NO_ADAPTER:
+            raise _first_bad(owned, None)
+    _owned[owned] = _Owned(lo, hi)
+    return owned
+
+
+def is_owned(task_ids) -> bool:
+    """True for a tensor made by `own()`."""
+    return isinstance(task_ids, torch.Tensor) and task_ids in _owned
+
+
+# ------------------------------------------------------------------------------------------------
+# What cp_linear calls
+# ------------------------------------------------------------------------------------------------
+def resolve(task_ids, lead_shape, device, num_tasks: int) -> torch.Tensor:
+    """Check `task_ids` against x's leading shape and num_tasks; return a contiguous (M,) int tensor.
+
+    The tensor's device must already be x's (ops.py checks it, naming both).
+    """
+    lead_shape = torch.Size(lead_shape)
+    if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+        if _checks_enabled():
+            _check_int(task_ids, num_tasks)
+        return broadcast(task_ids, lead_shape, device).reshape(-1)
+    rows = broadcast(task_ids, lead_shape, device)
+    if task_ids.dtype not in (torch.int32, torch.int64):
+        rows = rows.long()
+    if _cannot_check(task_ids):
+        return rows.reshape(-1).contiguous()  # the kernels mask out-of-range rows (they act as -1)
+    entry = _owned.get(task_ids)
+    if entry is not None:
+        if entry.hi >= num_tasks and _checks_enabled():
+            raise _first_bad(rows.reshape(-1), num_tasks)
+        if rows is task_ids:  # per-row form: an owned tensor is contiguous, so this is a free view
+            return rows.reshape(-1)
+        flat = entry.flat.get(lead_shape)
+        if flat is None:
+            flat = entry.flat[lead_shape] = rows.reshape(-1).contiguous()
+        return flat
+    flat = rows.reshape(-1).contiguous()
+    if flat.numel() and _checks_enabled():
+        lo, hi = (int(v) for v in torch.aminmax(task_ids))  # the ids themselves: no bigger than flat
+        if lo < NO_ADAPTER or hi >= num_tasks:
+            raise _first_bad(flat, num_tasks)
+    return flat
+
+
+def gather_rows(C: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """C[task_ids] with a zero row wherever the id is outside [0, T) (-1, or an unchecked bad id).
+
+    The reference's way to follow the -1 semantics without ever indexing out of bounds.
+    """
+    valid = ((task_ids >= 0) & (task_ids < C.shape[0])).unsqueeze(-1)
+    if C.shape[0] == 0:  # no task at all: every row is a base-layer row
+        return C.new_zeros(task_ids.shape + C.shape[1:])
+    rows = C[torch.where(valid.squeeze(-1), task_ids, 0).long()]
+    return torch.where(valid, rows, rows.new_zeros(()))  # where, not a product: a NaN in C[0] stays out
