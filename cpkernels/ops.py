@@ -3,8 +3,10 @@
     y = x·W0ᵀ + b + scale · ((x·B) ⊙ C[t]) · Aᵀ        (ARCHITECTURE §1–2)
 
 Everything user-facing is checked here, once; backends receive clean 2-D inputs:
-x (M, d_in), weight (d_out, d_in), bias (d_out) or None, A (d_out, r), B (d_in, r), C (T, r) in
-x's dtype, and task_ids (M,) int32/int64. Each backend provides two ops:
+x (M, d_in), weight (d_out, d_in), a contiguous bias (d_out) or None, A (d_out, r) with r >= 1,
+B (d_in, r), C (T, r) in x's dtype, and contiguous task_ids (M,) int32/int64. A kernel must treat
+any id outside [0, T) as -1, "no adapter" (cpkernels/task_ids.py): ids reach it unchecked inside
+compiled graphs and CUDA-graph replays. Each backend provides two ops:
 
     fwd(x, weight, bias, A, B, C, task_ids, scale) -> (y, u)         u = x·B is saved for backward
     bwd(grad_y, x, weight, A, B, C, task_ids, u, scale, output_mask) -> (dx, dA, dB, dC, db)
@@ -13,7 +15,8 @@ x's dtype, and task_ids (M,) int32/int64. Each backend provides two ops:
 The C++ backends (`cpu`, `cuda`) share the schemas `torch.ops.cpkernels.cp_linear_fwd/bwd`
 (csrc/ops.cpp) and differ by dispatch key; the Triton backend registers
 `torch.ops.cpkernels.triton_cp_linear_fwd/bwd` through `torch.library.triton_op`, lazily, so
-that importing cpkernels never imports triton. One autograd formula (`_backward`) serves both.
+that importing cpkernels never imports triton. One autograd formula (`_make_backward`) serves both;
+when the backward is itself recorded (create_graph=True) it uses differentiable torch ops instead.
 """
 from __future__ import annotations
 
@@ -342,14 +345,14 @@ def _needs_reference(A: torch.Tensor) -> str | None:
     Forward-mode AD and torch.func transforms (jvp, grad, vmap, jacrev) would reach the custom ops,
     which have no forward derivative or batching rule: the tangent would be dropped or the call fail.
     """
+    if A.shape[1] == 0:  # rank 0 (every component pruned): empty factor gradients, no kernel work
+        return "rank 0"
     if torch.compiler.is_compiling():
         return None
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): inputs may carry tangents
         return "forward-mode AD is active"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "a torch.func transform is active"
-    if A.shape[1] == 0:  # rank 0 (every component pruned): empty factor gradients, no kernel work
-        return "rank 0"
     return None
 
 
@@ -381,7 +384,8 @@ def cp_linear(x, weight, bias, A, B, C, task_ids, scale=1.0, *, backend=None):
     name = _choose_backend(x.device.type, _requested_backend(backend), x.dtype)
     why = _needs_reference(A)
     if why is not None:
-        log.debug("cp_linear: %s, so the reference computes this call instead of %s", why, name)
+        if not torch.compiler.is_compiling():  # (dynamo cannot trace a logging call)
+            log.debug("cp_linear: %s, so the reference computes this call instead of %s", why, name)
         name = "reference"
     A, B, C = A.to(x.dtype), B.to(x.dtype), C.to(x.dtype)
     if name == "reference":

@@ -133,8 +133,9 @@ def own(task_ids, device=None) -> torch.Tensor:
     if isinstance(task_ids, (list, tuple)):
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in task_ids):
             raise TypeError(f"task_ids given as a {type(task_ids).__name__} must hold ints only, got {task_ids!r}")
-        for t in task_ids:
-            _check_int(t)
+        for i, t in enumerate(task_ids):  # before torch.tensor, which would overflow on 2**63
+            if not NO_ADAPTER <= t < 2 ** 63:
+                raise _range_error(f"row {i} has task id {t}", None)
         task_ids = torch.tensor(task_ids, dtype=torch.int64)
     elif isinstance(task_ids, int) and not isinstance(task_ids, bool):
         _check_int(task_ids)

@@ -16,7 +16,8 @@ import torch
 
 from .reference import cp_linear_reference
 
-__all__ = ["make_inputs", "assert_close_to_reference", "assert_within_rule", "run_with_grads", "poisoned_memory", "GRAD_NAMES"]
+__all__ = ["make_inputs", "assert_close_to_reference", "assert_within_rule", "run_with_grads", "poisoned_memory",
+           "GRAD_NAMES"]
 
 #: Differentiable arguments, in the order run_with_grads returns their gradients.
 GRAD_NAMES = ("x", "bias", "A", "B", "C")

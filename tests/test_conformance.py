@@ -362,7 +362,7 @@ def test_deterministic_bitwise(be):
 # Properties (hypothesis)
 # ------------------------------------------------------------------------------------------------
 def _examples(be: Backend) -> int:
-    return 4 if be.small else 20
+    return 3 if be.small else 20  # the interpreter: a few examples (about 2 s each)
 
 
 # derandomize: the same examples every run (reproducible CI); each test draws its own.

@@ -1,6 +1,7 @@
 """Tests of the `cuda` backend (csrc/cuda/cp_linear_cuda.cu).
 
-`test_cuda_kernels_registered` runs everywhere, GPU or not: whenever the extension could have been
+The op contract runs on this backend in test_conformance.py; this file keeps what is particular
+to csrc/cuda. `test_cuda_kernels_registered` runs everywhere, GPU or not: whenever the extension could have been
 built with CUDA, it must carry the CUDA kernels. The others need a GPU (`gpu` marker); they are
 skipped on CPU-only machines and run on the device machine by bench/device_check.sh.
 """
@@ -19,7 +20,7 @@ import torch
 import cpkernels
 from cpkernels import _ext
 from cpkernels.reference import cp_linear_reference
-from cpkernels.testing import _atol, _detached, assert_close_to_reference, make_inputs, poisoned_memory, run_with_grads
+from cpkernels.testing import _atol, _detached, make_inputs, poisoned_memory, run_with_grads
 
 OPS = ("cpkernels::cp_linear_fwd", "cpkernels::cp_linear_bwd")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -56,67 +57,14 @@ def test_cuda_kernels_registered():
 
 
 # --------------------------------------------------------------------------------------------
-# On the GPU
+# On the GPU (the contract itself, for this backend too, is in test_conformance.py)
 # --------------------------------------------------------------------------------------------
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SHAPES = ((97, 59, 130), (130, 97, 59), (1, 59, 97))  # (M, d_in, d_out): odd, and not multiples of 16
 NUM_TASKS = 5
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("r", (1, 3, 17))
-def test_matches_reference(dtype, shape, r):
-    inputs = make_inputs(*shape, r, NUM_TASKS, dtype=dtype, device="cuda")
-    with poisoned_memory():
-        assert_close_to_reference(cpkernels.cp_linear, inputs, 0.7, backend="cuda")
-
-
-@gpu
-@pytest.mark.parametrize("case", ["no_bias", "single_task", "per_sample", "int32_ids", "fp32_factors",
-                                  "non_contiguous_x", "empty_batch", "many_tasks_large_rank"])
-def test_matches_reference_variants(case):
-    kw = dict(M=97, d_in=59, d_out=130, r=8, num_tasks=NUM_TASKS, dtype=torch.bfloat16, device="cuda")
-    if case == "no_bias":
-        kw["bias"] = False
-    elif case == "single_task":
-        kw["task_mix"] = "single"
-    elif case == "per_sample":
-        kw["per_sample_shape"] = (3, 33)
-    elif case == "fp32_factors":
-        kw["factor_dtype"] = torch.float32
-    elif case == "empty_batch":
-        kw["M"] = 0
-    elif case == "many_tasks_large_rank":
-        # T·r accumulators exceed 48 KiB of shared memory and M·T·r the partial-sum cap: the dC
-        # reduction takes its global-memory path with longer chunks.
-        kw.update(M=4101, d_in=64, d_out=64, r=256, num_tasks=128, dtype=torch.float32)
-    inputs = make_inputs(**kw)
-    if case == "int32_ids":
-        inputs["task_ids"] = inputs["task_ids"].int()
-    elif case == "non_contiguous_x":
-        inputs["x"] = inputs["x"].detach().t().contiguous().t().requires_grad_()
-        assert not inputs["x"].is_contiguous()
-    with poisoned_memory():
-        assert_close_to_reference(cpkernels.cp_linear, inputs, 0.7, backend="cuda")
 
 
 def _op_args(inputs):
     return tuple(inputs[k] for k in ("x", "weight", "bias", "A", "B", "C", "task_ids"))
-
-
-@gpu
-def test_opcheck():
-    inputs = make_inputs(97, 59, 130, 3, NUM_TASKS, device="cuda")
-    fwd_args = _op_args(inputs) + (0.7,)
-    torch.library.opcheck(torch.ops.cpkernels.cp_linear_fwd.default, fwd_args)
-    x, weight, _, A, B, C, t = (a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args(inputs))
-    _, u = torch.ops.cpkernels.cp_linear_fwd(x, weight, None, A, B, C, t, 0.7)
-    grad_y = torch.randn(x.shape[0], weight.shape[0], device="cuda")
-    for mask in ([True] * 5, [True, False, True, False, True]):
-        torch.library.opcheck(torch.ops.cpkernels.cp_linear_bwd.default,
-                              (grad_y, x, weight, A, B, C, t, u, 0.7, mask))
 
 
 def _backward_op(inputs, u=None, scale=0.7):
@@ -220,14 +168,6 @@ def test_bad_task_id_gets_no_update_and_touches_nothing_out_of_bounds():
     close(db, grad_y.sum(0))
     assert torch.equal(guarded.isnan(), guarded_before.isnan()) and torch.equal(
         guarded[1:-1], guarded_before[1:-1]), "C or its guard rows were written"
-
-
-@gpu
-def test_bad_task_id_raises_index_error_in_eager_mode():
-    inputs, bad, _ = _inputs_with_bad_ids()
-    inputs["task_ids"] = bad
-    with pytest.raises(IndexError, match="task_ids"):
-        cpkernels.cp_linear(**inputs, scale=0.7, backend="cuda")
 
 
 _SANITIZER_SCRIPT = textwrap.dedent("""

@@ -13,8 +13,8 @@ def materialised(x, weight, bias, A, B, C, task_ids, scale):
     rows = x.reshape(-1, x.shape[-1])
     t = task_ids.reshape(-1)
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype)
-    for task in range(C.shape[0]):
-        w_t = weight + scale * A @ torch.diag(C[task]) @ B.T
+    for task in range(-1, C.shape[0]):  # -1: no adapter, the base layer
+        w_t = weight + (scale * A @ torch.diag(C[task]) @ B.T if task >= 0 else 0)
         sel = t == task
         out[sel] = rows[sel] @ w_t.T + (bias if bias is not None else 0)
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -24,6 +24,7 @@ def materialised(x, weight, bias, A, B, C, task_ids, scale):
 @pytest.mark.parametrize("bias", [True, False])
 def test_reference_matches_materialised_update(M, d_in, d_out, r, T, bias):
     inp = make_inputs(M, d_in, d_out, r, T, dtype=torch.float64, bias=bias, requires_grad=False)
+    inp["task_ids"][::4] = -1
     got = cp_linear_reference(**inp, scale=0.37)
     want = materialised(**inp, scale=0.37)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -49,3 +50,12 @@ def test_broadcast_task_ids_rejects_wrong_shape():
         broadcast_task_ids(torch.zeros(3, dtype=torch.long), torch.Size([4, 5]), "cpu")
     with pytest.raises(TypeError, match="task_ids"):
         broadcast_task_ids(1.5, torch.Size([4]), "cpu")
+
+
+def test_reference_never_reads_c_out_of_bounds():
+    """Called directly with unchecked ids, the reference treats ids outside [0, T) as -1: before, it read
+    C[-1] (the last task) for -1 and raised an indexing error for T."""
+    inp = make_inputs(4, 5, 6, 2, 3, dtype=torch.float64, requires_grad=False)
+    got = cp_linear_reference(**{**inp, "task_ids": torch.tensor([-1, 3, -9, 1])})
+    want = materialised(**{**inp, "task_ids": torch.tensor([-1, -1, -1, 1])}, scale=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
