@@ -26,9 +26,11 @@ if str(BENCH_DIR) not in sys.path:
 import cpkernels  # noqa: E402
 
 import harness  # noqa: E402
+import models  # noqa: E402
 import report  # noqa: E402
 
 _RECORDS = pytest.StashKey[list]()
+_MODEL_RECORDS = pytest.StashKey[list]()
 
 
 def pytest_addoption(parser):
@@ -39,6 +41,7 @@ def pytest_addoption(parser):
 @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads its options
 def pytest_configure(config):
     config.stash[_RECORDS] = []
+    config.stash[_MODEL_RECORDS] = []
     args = " ".join(config.invocation_params.args)
     if getattr(config.option, "benchmark_columns", "absent") is None and "--benchmark-columns" not in args:
         config.option.benchmark_columns = ["median", "iqr", "rounds"]  # the full default is 230 columns wide
@@ -66,8 +69,19 @@ def record_result(request):
     return request.config.stash[_RECORDS].append
 
 
+@pytest.fixture
+def record_model_result(request):
+    """Append one end-to-end model record (bench/models.py's format) to this session's list."""
+    return request.config.stash[_MODEL_RECORDS].append
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
+    model_records = config.stash.get(_MODEL_RECORDS, [])
+    if model_records:
+        data = {"environment": harness.environment(harness.bench_device()), "records": model_records}
+        terminalreporter.write_sep("=", f"end-to-end models ({models.__name__}.py quick sizes), medians from this run")
+        terminalreporter.write_line(models.ratio_table(data))
     records = config.stash.get(_RECORDS, [])
     if not any(r["provider"] == "linear" for r in records):
         return  # nothing timed (--benchmark-disable, or F.linear deselected): no ratio to show

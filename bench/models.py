@@ -103,10 +103,17 @@ def make_inputs(name: str, mode: str, device: torch.device, seed: int = 0) -> di
             "task_ids": torch.randint(0, NUM_TASKS, (batch,), generator=g).to(device)}
 
 
+_TARGETS: dict[int, list[str]] = {}
+
+
 def _target_names(model: torch.nn.Module) -> list[str]:
-    """The layers cpkernels converts ("all-linear"), by full name, so PEFT adapts exactly the same ones."""
-    probe = cpkernels.convert(copy.deepcopy(model), rank=RANK, num_tasks=NUM_TASKS)
-    return [n for n, _ in cpkernels.cp_layers(probe)]
+    """The layers cpkernels converts ("all-linear"), by full name, so PEFT adapts exactly the same ones
+    (worked out once per plain model, on a copy)."""
+    if id(model) not in _TARGETS:
+        probe = cpkernels.convert(copy.deepcopy(model), rank=RANK, num_tasks=NUM_TASKS)
+        _TARGETS.clear()
+        _TARGETS[id(model)] = [n for n, _ in cpkernels.cp_layers(probe)]
+    return _TARGETS[id(model)]
 
 
 def build(name: str, variant: str, plain: torch.nn.Module):

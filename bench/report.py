@@ -1,6 +1,6 @@
 """Run the benchmark comparison in one process and report ratios to F.linear from that run.
 
-    python bench/report.py [--out DIR] [--quick] [--shapes decode,llm] [--providers cpu,linear]
+    python bench/report.py [--out DIR] [--quick] [--shapes decode,llm] [--mix mixed] [--providers cpu,linear]
     python bench/report.py --from-json bench/out/results.json     # re-render a (partial) run
 
 Writes DIR/results.json (after every case, so a run cut short still leaves data), ratios.png
@@ -66,7 +66,7 @@ def measure(args, out: Path) -> dict:
             "complete": False}
     print(_header(data), flush=True)
     providers = args.providers or PROVIDERS
-    for case in shapes.cases(device.type, quick=args.quick, shape_ids=args.shapes):
+    for case in shapes.cases(device.type, quick=args.quick, shape_ids=args.shapes, mixes=args.mix):
         print(f"\n== {case.id}: {case.shape}, {shapes.dtype_name(case.dtype)}, {case.mix} tasks", flush=True)
         sets = harness.input_sets(case, device)
         for pass_ in PASSES:
@@ -387,6 +387,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(harness.REPO / "bench" / "out"), help="output folder (default bench/out)")
     ap.add_argument("--quick", action="store_true", help="primary dtype only, shorter measurements")
     ap.add_argument("--shapes", type=_csv, help="comma-separated shape ids (default: the device's whole set)")
+    ap.add_argument("--mix", type=_csv, help=f"comma-separated task mixes to measure, of {','.join(shapes.TASK_MIXES)} "
+                                             f"(default: each shape's own)")
     ap.add_argument("--providers", type=_csv, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     ap.add_argument("--from-json", help="re-render tables and chart from a results.json instead of measuring")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 steadies the "
@@ -394,6 +396,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # before measuring, so the header records it
+    for m in args.mix or ():
+        if m not in shapes.TASK_MIXES:
+            ap.error(f"--mix: {m!r} is not one of {shapes.TASK_MIXES}")
     for p in args.providers or ():
         if p not in PROVIDERS:
             ap.error(f"--providers: {p!r} is not one of {PROVIDERS}")

@@ -90,8 +90,9 @@ def shapes_for(device_type: str) -> tuple[Shape, ...]:
     return GPU_SHAPES if device_type == "cuda" else CPU_SHAPES
 
 
-def cases(device_type: str, quick: bool = False, shape_ids=None) -> list[Case]:
-    """Every (shape, dtype, task mix) to measure on `device_type`; `quick` keeps the primary dtype only."""
+def cases(device_type: str, quick: bool = False, shape_ids=None, mixes=None) -> list[Case]:
+    """Every (shape, dtype, task mix) to measure on `device_type`; `quick` keeps the primary dtype only,
+    `mixes` (a subset of TASK_MIXES) the task mixes named there."""
     out = []
     for shape in shapes_for(device_type):
         if shape_ids and shape.id not in shape_ids:
@@ -99,5 +100,5 @@ def cases(device_type: str, quick: bool = False, shape_ids=None) -> list[Case]:
         dtypes = (PRIMARY_DTYPE[device_type],)
         if shape.extra_dtypes and not quick:
             dtypes += EXTRA_DTYPES[device_type]
-        out += [Case(shape, dt, mix) for dt in dtypes for mix in shape.mixes]
+        out += [Case(shape, dt, mix) for dt in dtypes for mix in shape.mixes if not mixes or mix in mixes]
     return out
