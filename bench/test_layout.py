@@ -34,3 +34,19 @@ def test_pytest_bench_does_not_put_the_repo_root_on_sys_path():
         pytest.skip("cpkernels is not installed in this environment (only importable through PYTHONPATH)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
+
+
+def test_a_source_tree_without_the_extension_says_so(tmp_path):
+    """Python's own message for the missing _C ("partially initialized module ... circular import")
+    sent users to the install they had already done; the reason now names the shadowing tree."""
+    import shutil
+
+    shutil.copytree(REPO / "cpkernels", tmp_path / "cpkernels",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__", "*.so"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", "import cpkernels; print(cpkernels._ext.LOAD_ERROR)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if proc.stdout.strip() == "None":
+        pytest.skip("an editable install supplies _C from its own tree here")
+    assert f"imported from {tmp_path / 'cpkernels'}, which holds no compiled extension" in proc.stdout

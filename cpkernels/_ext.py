@@ -17,7 +17,7 @@ try:
 except ImportError as exc:  # not built, or built against another torch (ABI mismatch)
     _C = None
     _HERE = Path(__file__).resolve().parent
-    if not any(_HERE.glob("_C*" + suffix) for suffix in EXTENSION_SUFFIXES):
+    if not [f for suffix in EXTENSION_SUFFIXES for f in _HERE.glob(f"_C*{suffix}")]:
         # Python's own message here ("partially initialized module ... circular import") misleads:
         # the usual cause is a source checkout found before the installed package on sys.path.
         LOAD_ERROR = (
