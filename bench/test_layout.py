@@ -27,8 +27,9 @@ def test_pytest_bench_does_not_put_the_repo_root_on_sys_path():
     adding the working directory itself, as the `pytest` command does."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env[PROBE] = "1"
-    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", f"{Path(__file__).name}::test_probe_repo_root_not_on_sys_path",
-                           "-q", "-p", "no:cacheprovider", "--benchmark-disable"],
+    probe = f"{Path(__file__).name}::test_probe_repo_root_not_on_sys_path"
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", probe, "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable"],
                           cwd=REPO / "bench", env=env, capture_output=True, text=True, timeout=240)
     if "ModuleNotFoundError: No module named 'cpkernels'" in proc.stdout + proc.stderr:
         pytest.skip("cpkernels is not installed in this environment (only importable through PYTHONPATH)")
