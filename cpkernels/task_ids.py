@@ -87,12 +87,12 @@ def _check_int(task_id: int, num_tasks: int | None = None) -> None:
 
 
 def _first_bad(ids: torch.Tensor, num_tasks: int | None) -> TaskIdError:
-    """The error for the first out-of-range entry of `ids` (there is one); names its index."""
+    """The error for the first out-of-range entry of `ids` (there is one); names its index in `ids`."""
     bad = ids < NO_ADAPTER
     if num_tasks is not None:
         bad |= ids >= num_tasks
-    index = tuple(int(i) for i in bad.nonzero()[0])
-    where = f"row {index[0]}" if len(index) == 1 else f"task_ids{list(index)}"
+    index = tuple(int(i) for i in bad.nonzero()[0]) if ids.dim() else ()
+    where = {0: "task_ids", 1: f"row {index[0]}" if index else ""}.get(len(index), f"task_ids{list(index)}")
     return _range_error(f"{where} has task id {int(ids[index])}", num_tasks)
 
 
@@ -182,7 +182,7 @@ def resolve(task_ids, lead_shape, device, num_tasks: int) -> torch.Tensor:
     entry = _owned.get(task_ids)
     if entry is not None:
         if entry.hi >= num_tasks and _checks_enabled():
-            raise _first_bad(rows.reshape(-1), num_tasks)
+            raise _first_bad(task_ids, num_tasks)
         if rows is task_ids:  # per-row form: an owned tensor is contiguous, so this is a free view
             return rows.reshape(-1)
         flat = entry.flat.get(lead_shape)
@@ -193,7 +193,7 @@ def resolve(task_ids, lead_shape, device, num_tasks: int) -> torch.Tensor:
     if flat.numel() and _checks_enabled():
         lo, hi = (int(v) for v in torch.aminmax(task_ids))  # the ids themselves: no bigger than flat
         if lo < NO_ADAPTER or hi >= num_tasks:
-            raise _first_bad(flat, num_tasks)
+            raise _first_bad(task_ids, num_tasks)  # indexed as the caller passed them (per row or sample)
     return flat
 
 

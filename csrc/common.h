@@ -3,6 +3,8 @@
 // The full, user-facing validation (with messages that name the Python argument) lives in
 // cpkernels/ops.py. These checks are the last line of defence for callers that reach
 // torch.ops.cpkernels.* directly: whatever they pass, no kernel may read or write out of bounds.
+// Task-id values are not checked here (that would cost a device sync per call): every kernel treats
+// an id outside [0, num_tasks) as -1, "no adapter" (cpkernels/task_ids.py has the whole contract).
 #pragma once
 
 #include <ATen/ATen.h>

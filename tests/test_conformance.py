@@ -12,6 +12,7 @@ float32/float16 and small shapes; bfloat16 Triton runs on the GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -417,7 +418,7 @@ def test_property_id_form_does_not_matter(be):
     @given(batch=st.integers(1, 5), seq=st.integers(1, 5), d=st.integers(1, 16), r=st.integers(1, 9),
            T=st.integers(1, 4), seed=st.integers(0, 2 ** 16), single=st.booleans())
     def prop(batch, seq, d, r, T, seed, single):
-        """int, per-sample and per-row ids that say the same thing give bitwise the same results."""
+        """int, per-sample and per-row ids that say the same thing give the same results."""
         gen = torch.Generator().manual_seed(seed)
         inp = make_inputs(0, d, d + 1, r, T, device=be.device, dtype=be.dtypes[0], generator=gen,
                           per_sample_shape=(batch, seq))
@@ -430,10 +431,13 @@ def test_property_id_form_does_not_matter(be):
         grad_y = torch.randn(batch, seq, d + 1, generator=gen, dtype=torch.float64).to(be.device)
         results = [run_with_grads(cp_linear, dict(inp, task_ids=ids), grad_y, SCALE, backend=be.name)
                    for ids in forms]
+        # Bitwise on the CPU; on a GPU the autotuner may key its choice on the ids' dtype, and another
+        # tile changes the summation order, so there only to fp32 rounding.
+        same = torch.equal if be.device == "cpu" else functools.partial(torch.allclose, rtol=1e-5, atol=1e-6)
         (y0, g0), rest = results[0], results[1:]
         for y, g in rest:
-            assert torch.equal(y, y0)
+            assert same(y, y0)
             for name in g0:
-                assert torch.equal(g[name], g0[name]), name
+                assert same(g[name], g0[name]), name
 
     prop()
