@@ -9,6 +9,9 @@
 // traffic exactly nn.Linear's: F.linear also writes y once (its bias broadcast) before a beta = 1
 // GEMM. Adding v·Aᵀ afterwards instead costs one more read and write of y: measured here (2 cores,
 // fp32) 1.07-1.15× F.linear against 1.00-1.11× seeded, on the CPU benchmark shapes.
+// In fp32 the rank-r products run in lowrank_cpu.cpp instead (one vectorised pass each, measured
+// against these MKL calls there): u = x·B and g = dY·A by lowrank_shrink, and the seeds of y (with the
+// gather and the bias) and of dX by lowrank_expand; the big GEMMs and dA, dB stay as below.
 // Backward  g = dY·A                          skinny GEMM (M × r)
 //           gs = s · g ⊙ C[t], v = s · u ⊙ C[t], dC partial sums   one fused row loop
 //           dX = gs·Bᵀ + dY·W0                seeded with the rank-r product, big GEMM beta = 1
