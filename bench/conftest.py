@@ -1,19 +1,66 @@
 """pytest configuration for the benchmark suite (collected only when bench/ is named: testpaths is tests/).
 
-Keeps the medians of the run and prints, after pytest-benchmark's own tables, the ratio of every
-provider to F.linear from this same run (the figure BENCHMARKS.md asks for).
+    pytest bench/ --benchmark-only       # time the installed kernels; ratio table + chart at the end
+
+bench/ is deliberately not a package (no __init__.py): pytest then puts bench/ itself on sys.path,
+never the repository root, so `import cpkernels` finds the *installed* package with its compiled
+extension instead of the source tree beside bench/, which has none (issue 15: with an __init__.py
+here the cpu column silently vanished). The modules import each other as `harness`, `shapes`,
+`report`; this file adds bench/ to sys.path itself so that `--import-mode=importlib` works too.
+
+After pytest-benchmark's own table (narrowed to median, IQR and rounds unless --benchmark-columns
+is given) it prints the ratio of every provider to F.linear from this same run, writes
+results.json, ratios.txt and ratios.png to --bench-out (default bench/out) and says where.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
-from bench import harness, report
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import cpkernels  # noqa: E402
+
+import harness  # noqa: E402
+import models  # noqa: E402
+import report  # noqa: E402
 
 _RECORDS = pytest.StashKey[list]()
+_MODEL_RECORDS = pytest.StashKey[list]()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--bench-out", default=str(BENCH_DIR / "out"),
+                     help="folder for the ratio table, results.json and ratios.png (default bench/out)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads its options
 def pytest_configure(config):
     config.stash[_RECORDS] = []
+    config.stash[_MODEL_RECORDS] = []
+    args = " ".join(config.invocation_params.args)
+    if getattr(config.option, "benchmark_columns", "absent") is None and "--benchmark-columns" not in args:
+        config.option.benchmark_columns = ["median", "iqr", "rounds"]  # the full default is 230 columns wide
+    if getattr(config.option, "benchmark_name", None) == "normal" and "--benchmark-name" not in args:
+        config.option.benchmark_name = "short"
+
+
+def installed_kernels_line() -> str:
+    """Which cpkernels this run times, and whether its compiled extension loaded (and why not)."""
+    device = harness.bench_device()
+    line = f"cpkernels: {Path(cpkernels.__file__).parent} | backends on {device.type}: " \
+           f"{', '.join(cpkernels.available_backends(device.type))}"
+    if cpkernels._ext.LOAD_ERROR:
+        line += f"\n  NO cpkernels C++ COLUMN: {cpkernels._ext.LOAD_ERROR}"
+    return line
+
+
+def pytest_report_header(config):
+    return installed_kernels_line()
 
 
 @pytest.fixture
@@ -22,8 +69,19 @@ def record_result(request):
     return request.config.stash[_RECORDS].append
 
 
+@pytest.fixture
+def record_model_result(request):
+    """Append one end-to-end model record (bench/models.py's format) to this session's list."""
+    return request.config.stash[_MODEL_RECORDS].append
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
+    model_records = config.stash.get(_MODEL_RECORDS, [])
+    if model_records:
+        data = {"environment": harness.environment(harness.bench_device()), "records": model_records}
+        terminalreporter.write_sep("=", f"end-to-end models ({models.__name__}.py quick sizes), medians from this run")
+        terminalreporter.write_line(models.ratio_table(data))
     records = config.stash.get(_RECORDS, [])
     if not any(r["provider"] == "linear" for r in records):
         return  # nothing timed (--benchmark-disable, or F.linear deselected): no ratio to show
@@ -31,6 +89,15 @@ def pytest_terminal_summary(terminalreporter, config):
     method = "pytest-benchmark pedantic rounds, median; one benchmark after another" + (
         " (timer synchronises CUDA)" if device.type == "cuda" else
         ", so a change in load skews a ratio: on a shared CPU take ratios from bench/report.py (interleaved)")
-    data = {"environment": harness.environment(device), "records": records, "method": method}
+    data = {"environment": harness.environment(device), "records": records, "method": method, "complete": True}
+    table = report.short_table(data)
+    out = Path(config.getoption("--bench-out"))
     terminalreporter.write_sep("=", "ratio to F.linear (W0 frozen), medians from this run")
-    terminalreporter.write_line(report.short_table(data))
+    terminalreporter.write_line(installed_kernels_line())
+    terminalreporter.write_line(table)
+    try:
+        written = report.write_outputs(data, out, table)
+    except OSError as exc:  # a read-only checkout must not hide the table above
+        terminalreporter.write_line(f"could not write the outputs to {out}: {exc}")
+        return
+    terminalreporter.write_line(f"wrote {', '.join(str(p) for p in written)}")

@@ -5,6 +5,8 @@
 #   3. import   which backends load on CUDA tensors, and why the others do not
 #   4. gpu-tests  pytest -m gpu over tests/, up to 25 failures (log and junit XML under $OUT)
 #   5. report   python bench/report.py --quick --out $OUT (results.json, results.md, ratios.png, ratios.txt)
+#   6. models   python bench/models.py --quick --out $OUT (models.json, models.txt): MiniLM-L6 (when its
+#               weights package is installed) and a small LLaMA, converted vs plain / PEFT LoRA / poly
 # then prints each stage's status and wall time, writes $OUT/summary.txt and prints the short
 # ratio table last.
 #
@@ -26,7 +28,7 @@ SUMMARY="$OUT/summary.txt"
 FAILED=0
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1  # logs complete even when a stage is killed; no hub access
 : > "$SUMMARY"
-rm -f "$OUT"/results.json "$OUT"/results.md "$OUT"/ratios.txt "$OUT"/ratios.png  # never report a stale run
+rm -f "$OUT"/results.json "$OUT"/results.md "$OUT"/ratios.txt "$OUT"/ratios.png "$OUT"/models.json "$OUT"/models.txt  # never report a stale run
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -141,10 +143,14 @@ run_stage aot 150 60 "$PY" -m cpkernels._triton.aot --arch "${GPU_ARCH/./}" --sh
   --dtypes bf16 --modes tuned --device || FAILED=1
 
 # 5. benchmark report --------------------------------------------------------------------------
-run_stage report "$BUDGET_S" 15 "$PY" bench/report.py --quick --out "$OUT" || FAILED=1
+run_stage report "$BUDGET_S" 100 "$PY" bench/report.py --quick --out "$OUT" || FAILED=1
 if [[ -s "$OUT/results.json" ]] && ! grep -q '"complete": true' "$OUT/results.json"; then
   # Cut short: render the tables and chart from the cases that finished.
   run_stage report-partial 30 0 "$PY" bench/report.py --from-json "$OUT/results.json" --out "$OUT"
 fi
+
+# 6. end-to-end models -------------------------------------------------------------------------
+run_stage models 120 0 "$PY" bench/models.py --quick --out "$OUT" || FAILED=1
+[[ -s "$OUT/models.txt" ]] && { echo; cat "$OUT/models.txt"; } | tee -a "$SUMMARY"
 
 finish "$FAILED"

@@ -29,7 +29,7 @@ import cpkernels
 from cpkernels.ops import _why_unavailable
 from cpkernels.testing import assert_close_to_reference, make_inputs
 
-from .shapes import SCALE, Case, dtype_name
+from shapes import SCALE, Case, dtype_name
 
 PROVIDERS = ("triton", "cuda", "cpu", "reference", "compiled-reference", "linear", "peft-lora")
 FUSED = ("triton", "cuda", "cpu")

@@ -1,6 +1,6 @@
 """Run the benchmark comparison in one process and report ratios to F.linear from that run.
 
-    python bench/report.py [--out DIR] [--quick] [--shapes decode,llm] [--providers cpu,linear]
+    python bench/report.py [--out DIR] [--quick] [--shapes decode,llm] [--mix mixed] [--providers cpu,linear]
     python bench/report.py --from-json bench/out/results.json     # re-render a (partial) run
 
 Writes DIR/results.json (after every case, so a run cut short still leaves data), ratios.png
@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `bench` and the checkout's `cpkernels` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "bench"
+import torch
 
-import torch  # noqa: E402
-
-from bench import harness, shapes  # noqa: E402
-from bench.harness import FUSED, PASSES, PROVIDERS  # noqa: E402
+# bench/ is a folder of scripts, not a package: `python bench/report.py` puts bench/ (never the repo
+# root) on sys.path, so `cpkernels` is the installed package with its compiled extension, not the
+# source tree next to it. (Set PYTHONPATH=. to measure an in-place build of the checkout.)
+import harness
+import shapes
+from harness import FUSED, PASSES, PROVIDERS
 
 SHAPES_BY_ID = {s.id: s for s in shapes.GPU_SHAPES + shapes.CPU_SHAPES}
 #: Measuring time per (case, pass) on the CPU, where all providers are interleaved round-robin.
@@ -32,6 +32,11 @@ CPU_BUDGET_S = {"full": 6.0, "quick": 2.0}
 GPU_REP_MS = {"full": 100, "quick": 50}
 #: A CPU whose 1-minute load average exceeds this fraction of its cores was shared while measuring.
 LOADED_FRACTION = 0.5
+#: Short column names keep the ratio table under 100 columns; the chart's legend spells them out.
+COLUMN = {"compiled-reference": "compile(ref)", "peft-lora": "peft"}
+LEGEND = {"cpu": "cpkernels cpu (C++)", "cuda": "cpkernels cuda (C++)", "triton": "cpkernels triton",
+          "reference": "einsum reference", "compiled-reference": "torch.compile(reference)",
+          "peft-lora": "PEFT LoRA (T adapters, adapter_names= when mixed)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +66,7 @@ def measure(args, out: Path) -> dict:
             "complete": False}
     print(_header(data), flush=True)
     providers = args.providers or PROVIDERS
-    for case in shapes.cases(device.type, quick=args.quick, shape_ids=args.shapes):
+    for case in shapes.cases(device.type, quick=args.quick, shape_ids=args.shapes, mixes=args.mix):
         print(f"\n== {case.id}: {case.shape}, {shapes.dtype_name(case.dtype)}, {case.mix} tasks", flush=True)
         sets = harness.input_sets(case, device)
         for pass_ in PASSES:
@@ -158,7 +163,7 @@ def _fmt(ratio) -> str:
 
 
 def _time_checks(provider, shape, pass_, row, device_type) -> list[bool]:
-    """The BENCHMARKS.md targets that apply to one cell: absolute ceilings and 'faster than' peers."""
+    """The targets of bench/shapes.py that apply to one cell: absolute ceilings and 'faster than' peers."""
     oks = []
     target = shape.targets.get(provider)
     if target is not None:
@@ -185,7 +190,7 @@ def time_table(records, pass_: str, device_type: str, markdown=False) -> str:
     ratios = ratio_rows(records)
     idx = _index(records)
     providers = [p for p in _measured_providers(records) if p != "linear"]
-    header = ["case", "linear ms"] + providers + ["targets"]
+    header = ["case", "linear ms"] + [COLUMN.get(p, p) for p in providers] + ["targets"]
     rows = []
     for case in _cases_in_order(records):
         row = ratios[(case, pass_)]
@@ -208,7 +213,7 @@ def memory_table(records, markdown=False) -> str | None:
     ratios = ratio_rows(records, key="peak_bytes")
     idx = _index(records)
     providers = [p for p in _measured_providers(records) if p != "linear"]
-    header = ["case", "linear MiB"] + providers
+    header = ["case", "linear MiB"] + [COLUMN.get(p, p) for p in providers]
     rows = []
     for case in _cases_in_order(records):
         row = ratios[(case, "forward+backward")]
@@ -275,8 +280,9 @@ def short_table(data: dict, markdown=False) -> str:
     h = "#### " if markdown else ""
     parts = [_header(data) if not markdown else "", ""]
     for pass_ in PASSES:
-        parts += [f"{h}{pass_}: time ÷ F.linear time (W0 frozen), same run", time_table(records, pass_, device_type,
-                                                                                         markdown), ""]
+        table = time_table(records, pass_, device_type, markdown)
+        if len(table.splitlines()) > (2 if markdown else 1):  # a pass with no measured row gets no empty table
+            parts += [f"{h}{pass_}: time ÷ F.linear time (W0 frozen), same run", table, ""]
     mem = memory_table(records, markdown)
     parts += ([f"{h}peak memory of forward+backward ÷ F.linear's", mem, ""] if mem else
               ["peak memory: n/a on CPU (torch keeps no statistics for its CPU allocator; tracemalloc does not "
@@ -284,7 +290,7 @@ def short_table(data: dict, markdown=False) -> str:
     mixed = mixed_single_table(records, markdown)
     if mixed:
         parts += [f"{h}mixed-task batch ÷ single-task batch (target ≤ {shapes.MIXED_OVER_SINGLE_MAX})", mixed, ""]
-    notes = "✔/✘: ratio ≤ the row's target (BENCHMARKS.md)"
+    notes = "✔/✘: ratio ≤ the row's target (bench/shapes.py)"
     if device_type == "cuda":
         notes += "; triton also faster than compiled-reference, cuda than reference; fused peak memory ≤ reference's"
     parts.append(notes)
@@ -339,7 +345,7 @@ def plot(data: dict, path: Path) -> None:
         for j, p in enumerate(providers):
             xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(cases))]
             ys = [table[(c, key)][p] for c in cases]
-            ax.bar([x for x, y in zip(xs, ys) if y], [y for y in ys if y], width, label=p,
+            ax.bar([x for x, y in zip(xs, ys) if y], [y for y in ys if y], width, label=LEGEND.get(p, p),
                    color=colors[PROVIDERS.index(p)])  # a provider keeps its colour across charts
             if title not in PASSES:
                 continue
@@ -347,7 +353,7 @@ def plot(data: dict, path: Path) -> None:
                 target = shape_of[c].targets.get(p)
                 if target:
                     ax.plot(x, target[PASSES.index(key)], marker="_", markersize=16, mew=2.5, color="red",
-                            label=None if target_drawn else "target (BENCHMARKS.md)")
+                            label=None if target_drawn else "target (bench/shapes.py)")
                     target_drawn = True
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="F.linear = 1")
         ax.set_yscale("log")
@@ -382,6 +388,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(harness.REPO / "bench" / "out"), help="output folder (default bench/out)")
     ap.add_argument("--quick", action="store_true", help="primary dtype only, shorter measurements")
     ap.add_argument("--shapes", type=_csv, help="comma-separated shape ids (default: the device's whole set)")
+    ap.add_argument("--mix", type=_csv, help=f"comma-separated task mixes to measure, of {','.join(shapes.TASK_MIXES)} "
+                                             f"(default: each shape's own)")
     ap.add_argument("--providers", type=_csv, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     ap.add_argument("--from-json", help="re-render tables and chart from a results.json instead of measuring")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 steadies the "
@@ -389,6 +397,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # before measuring, so the header records it
+    for m in args.mix or ():
+        if m not in shapes.TASK_MIXES:
+            ap.error(f"--mix: {m!r} is not one of {shapes.TASK_MIXES}")
     for p in args.providers or ():
         if p not in PROVIDERS:
             ap.error(f"--providers: {p!r} is not one of {PROVIDERS}")
@@ -403,25 +414,41 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     data = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args, out)
-    if args.from_json and Path(args.from_json).resolve() != (out / "results.json").resolve():
-        _write_json(data, out)
     table = short_table(data)
-    (out / "ratios.txt").write_text(table + "\n")
-    (out / "results.md").write_text(
-        f"### {data['environment']['date']}: {data['environment']['device']}\n\n"
-        + "\n".join(f"- {line}" for line in _header(data).splitlines()) + "\n\n" + short_table(data, markdown=True)
-        + "\n")
-    try:
-        plot(data, out / "ratios.png")
-        chart = "ratios.png"
-    except ImportError as exc:  # the tables matter more than the picture
-        chart = f"no chart ({exc}; pip install matplotlib)"
+    written = write_outputs(data, out, table)
     print("\n" + detail_table(data))
     if not data.get("complete", True):
         print("\nINCOMPLETE RUN: the measurement stopped early; the tables hold the cases that finished")
-    print(f"\nwrote {out}/results.json, results.md, ratios.txt, {chart} ({time.perf_counter() - t0:.0f} s)\n")
+    print(f"\nwrote {', '.join(str(p) for p in written)} ({time.perf_counter() - t0:.0f} s)\n")
     print(table)
     return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader never sees a half-written file
+
+
+def write_outputs(data: dict, out: Path, table: str) -> list:
+    """Write results.json, ratios.txt, results.md and ratios.png (when matplotlib is there) to `out`;
+    return what was written, and a note instead of the chart when it could not be drawn."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(data, out)
+    _write_text(out / "ratios.txt", table + "\n")
+    _write_text(out / "results.md",
+                f"### {data['environment']['date']}: {data['environment']['device']}\n\n"
+                + "\n".join(f"- {line}" for line in _header(data).splitlines()) + "\n\n"
+                + short_table(data, markdown=True) + "\n")
+    written = [out / "results.json", out / "ratios.txt", out / "results.md"]
+    try:
+        tmp = out / "ratios.tmp.png"
+        plot(data, tmp)
+        os.replace(tmp, out / "ratios.png")
+        written.append(out / "ratios.png")
+    except ImportError as exc:  # the tables matter more than the picture
+        written.append(f"no chart ({exc}; pip install matplotlib)")
+    return written
 
 
 if __name__ == "__main__":

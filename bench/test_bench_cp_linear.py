@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("pytest_benchmark", reason="the benchmarks need pytest-benchmark (pip install '.[bench]')")
 
-from bench import harness, shapes  # noqa: E402
+import harness  # noqa: E402
+import shapes  # noqa: E402
 
 DEVICE = harness.bench_device()
 CASES = shapes.cases(DEVICE.type)

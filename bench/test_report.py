@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bench import report
+import report
 
 
 def _rec(case, provider, pass_, ms, peak=None):
@@ -88,5 +88,5 @@ def test_from_json_renders_tables_and_chart(tmp_path, capsys):
     table = (tmp_path / "out" / "ratios.txt").read_text()
     assert out.rstrip().endswith(table.rstrip())  # the short table is printed last
     assert "INCOMPLETE RUN" in out
-    assert "| cpu-decode-fp32-mixed | 1.000 | 1.10 ✘ | 1.30 |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| cpu-decode-fp32-mixed | 1.000 | 1.10 ✔ | 1.30 |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,9 @@
 // traffic exactly nn.Linear's: F.linear also writes y once (its bias broadcast) before a beta = 1
 // GEMM. Adding v·Aᵀ afterwards instead costs one more read and write of y: measured here (2 cores,
 // fp32) 1.07-1.15× F.linear against 1.00-1.11× seeded, on the CPU benchmark shapes.
+// In fp32 the rank-r products run in lowrank_cpu.cpp instead (one vectorised pass each, measured
+// against these MKL calls there): u = x·B and g = dY·A by lowrank_shrink, and the seeds of y (with the
+// gather and the bias) and of dX by lowrank_expand; the big GEMMs and dA, dB stay as below.
 // Backward  g = dY·A                          skinny GEMM (M × r)
 //           gs = s · g ⊙ C[t], v = s · u ⊙ C[t], dC partial sums   one fused row loop
 //           dX = gs·Bᵀ + dY·W0                seeded with the rank-r product, big GEMM beta = 1
@@ -34,6 +37,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/lowrank_cpu.h"
 
 namespace cpkernels {
 namespace {
@@ -120,7 +124,13 @@ std::tuple<at::Tensor, at::Tensor> cp_linear_fwd_cpu(const at::Tensor& x, const 
                                                      const at::Tensor& task_ids, double scale) {
   check_cp_linear_args(x, weight, bias, A, B, C, task_ids);
   const int64_t M = x.size(0), N = weight.size(0), r = A.size(1), T = C.size(0);
-  at::Tensor u = at::mm(x, B).contiguous();  // (M, r); contiguous already, the row loop relies on it
+  at::Tensor u;  // (M, r), contiguous: the row loops rely on it
+  if (!lowrank_shrink(x, B, u)) u = at::mm(x, B).contiguous();
+  at::Tensor y;
+  if (lowrank_expand(u, A, bias, C, task_ids, scale, y)) {  // fp32: y = b + s·(u ⊙ C[t])·Aᵀ in one pass
+    y.addmm_(x, weight.t());
+    return {y, u};
+  }
   at::Tensor v = at::empty({M, r + 1}, x.options());
   const at::Tensor Cc = C.contiguous(), t = task_ids.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cp_linear_fwd_cpu", [&] {
@@ -137,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> cp_linear_fwd_cpu(const at::Tensor& x, const 
     Ab.select(1, r).copy_(*bias);
   else
     Ab.select(1, r).zero_();
-  at::Tensor y = at::empty({M, N}, x.options());
+  y = at::empty({M, N}, x.options());
   at::mm_out(y, v, Ab.t());
   y.addmm_(x, weight.t());
   return {y, u};
@@ -190,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   const int64_t num_chunks = std::max<int64_t>(
       1, std::min({(M + kRowsPerChunk - 1) / kRowsPerChunk, kMaxChunks, kMaxPartialElems / std::max<int64_t>(1, T * r)}));
-  at::Tensor g = at::mm(grad_y, A).contiguous();  // (M, r); contiguous already, the row loop relies on it
+  at::Tensor g;  // (M, r), contiguous: the row loop relies on it
+  if (!lowrank_shrink(grad_y, A, g)) g = at::mm(grad_y, A).contiguous();
   at::Tensor gs = (need_dx || need_dB) ? at::empty_like(g) : at::Tensor();
   at::Tensor v = need_dA ? at::empty_like(g) : at::Tensor();
   at::Tensor partial = need_dC ? at::zeros({num_chunks, T, r}, x.options().dtype(acc_type)) : at::Tensor();
@@ -217,14 +228,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cp_linear
     for (int64_t c = 1; c < num_chunks; ++c) dC.add_(partial[c]);  // fixed chunk order: deterministic
     dC = dC.mul_(scale).to(x.scalar_type());
   }
-  if (!at::globalContext().deterministicAlgorithms()) return backward_gemms(grad_y, x, weight, B, gs, v, dC, mask);
+  // fp32: seed dX with gs·Bᵀ in one pass (lowrank_cpu.cpp), then let the shared GEMM half do the rest.
+  at::Tensor dx_seed;
+  const bool fused_dx = need_dx && lowrank_expand(gs, B, c10::nullopt, at::Tensor(), at::Tensor(), 1.0, dx_seed);
   // Deterministic mode: the reductions over M (dA, dB, db) in a fixed order; dX and dC as usual
   // (dX reduces over d_out and r, never over M, so no thread split reaches its sums).
-  auto [dx, dA, dB, dC_out, db] =
-      backward_gemms(grad_y, x, weight, B, gs, v, dC, {need_dx, false, false, need_dC, false});
-  if (need_dA) dA = fixed_order_tn(grad_y, v);
-  if (need_dB) dB = fixed_order_tn(x, gs);
-  if (need_db) db = fixed_order_tn(grad_y, at::ones({M, 1}, grad_y.options())).view({-1});
+  const bool fixed_order = at::globalContext().deterministicAlgorithms();
+  auto [dx, dA, dB, dC_out, db] = backward_gemms(
+      grad_y, x, weight, B, gs, v, dC,
+      {need_dx && !fused_dx, need_dA && !fixed_order, need_dB && !fixed_order, need_dC, need_db && !fixed_order});
+  if (fused_dx) dx = dx_seed.addmm_(grad_y, weight);
+  if (fixed_order) {
+    if (need_dA) dA = fixed_order_tn(grad_y, v);
+    if (need_dB) dB = fixed_order_tn(x, gs);
+    if (need_db) db = fixed_order_tn(grad_y, at::ones({M, 1}, grad_y.options())).view({-1});
+  }
   return {dx, dA, dB, dC_out, db};
 }
 
