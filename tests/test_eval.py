@@ -77,6 +77,7 @@ def test_hypothesis_verdict_logic():
                                                                   "batch_size": 2, "max_length": 8},
                           "encoder": {**results["encoder"], "model": "m", "num_layers": 2}})
     assert "did not hold" in md and "**held**" in md
+    assert "| lora r=8 | 1 | – |" in md  # no CP rank for a method without a CP update
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -101,11 +101,13 @@ def markdown(results: dict) -> str:
               f"commit `{results.get('commit')}`. Test split; accuracy / macro-F1 in %, mean ± std over seeds. "
               f"Parameters per task include the task's head; % of the {results['encoder']['base_parameters']:,} "
               "encoder parameters.", ""]
-    head = "| method | n | " + " | ".join(f"{t} acc | {t} F1" for t in tasks) + \
+    # "CP rank": the CP components summed over the adapted layers (after pruning for cp-lasso), the
+    # x-axis of the rank-selection curve; "–" for methods without a CP update.
+    head = "| method | n | CP rank | " + " | ".join(f"{t} acc | {t} F1" for t in tasks) + \
         " | mean acc | params/task marginal | params/task amortised | % amortised | wall s/seed |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for e in results["summary"]:
-        cells = [e["name"], str(len(e["seeds"]))]
+        cells = [e["name"], str(len(e["seeds"])), "–" if e.get("rank_total") is None else f"{e['rank_total']:.0f}"]
         for t in tasks:
             cells += [_pm(e["metrics"][t]["accuracy"]), _pm(e["metrics"][t]["macro_f1"])]
         cells += [_pm(e["mean_accuracy"]), f"{e['params_marginal']:,.0f}", f"{e['params_amortised']:,.0f}",
@@ -168,6 +170,11 @@ def plot_accuracy_vs_params(results: dict, path) -> Path:
             seen.add(f"{m}-marginal")
             ax.plot([e["percent_marginal"], e["percent_amortised"]], [y, y], ":", color=colors[m], lw=1)
         ax.annotate(e["setting"], (e["percent_amortised"], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    # The group-lasso settings form the rank-selection curve: join them in order of their size.
+    lasso = sorted((e["percent_amortised"], e["mean_accuracy"]["mean"]) for e in results["summary"]
+                   if e["method"] == "cp-lasso")
+    if len(lasso) > 1:
+        ax.plot(*zip(*lasso), "-", color=colors["cp-lasso"], lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters per task, % of the encoder (log scale)")
     ax.set_ylabel("test accuracy, mean over tasks (%)")
