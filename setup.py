@@ -17,6 +17,8 @@ import os
 import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -109,5 +111,20 @@ def _extensions():
     return [ext], {"build_ext": build_ext}
 
 
+class BuildPyWithCommit(build_py):
+    """Also write cpkernels/_commit.txt into the built package: the source commit, so an installed copy
+    (no git next to it) can still name it in results files (cpkernels._buildinfo.source_commit)."""
+
+    def run(self):
+        super().run()
+        spec = importlib.util.spec_from_file_location("_buildinfo", os.path.join(ROOT, "cpkernels", "_buildinfo.py"))
+        info = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(info)
+        commit = info.git_commit(ROOT)
+        if commit:
+            with open(os.path.join(self.build_lib, "cpkernels", info.COMMIT_FILE), "w") as f:
+                f.write(commit + "\n")
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": BuildPyWithCommit})

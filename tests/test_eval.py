@@ -78,6 +78,24 @@ def test_hypothesis_verdict_logic():
                           "encoder": {**results["encoder"], "model": "m", "num_layers": 2}})
     assert "did not hold" in md and "**held**" in md
     assert "| lora r=8 | 1 | – |" in md  # no CP rank for a method without a CP update
+    assert h["control"] is None and "control" not in md  # no probe row in this run
+
+
+def test_hypothesis_reports_when_the_probe_passes_too():
+    """The control: when the linear probe is itself within 1 point of LoRA, the verdict says so."""
+    md_args = {"config": {"top_layers": 1, "seeds": [0], "steps": 2, "batch_size": 2, "max_length": 8},
+               "encoder": {"base_parameters": 10_000, "model": "m", "num_layers": 2}, "tasks": [{"name": "x"}, {"name": "y"}]}
+    lora = _row("lora", "r=8", (0.90, 0.80), (0.88, 0.70), 1000, 1000)
+    cp = _row("cp-multi", "r=4", (0.90, 0.80), (0.88, 0.70), 10, 50)
+    for probe_acc, passes in (((0.895, 0.795), True), ((0.85, 0.795), False)):
+        results = {**md_args, "runs": [lora, cp, _row("head", "", probe_acc, (0.80, 0.60), 5, 5)]}
+        results["summary"] = report.summarise(results)
+        h = report.hypothesis(results)
+        assert h["held"] == {"marginal": True, "amortised": True}
+        assert h["control"]["name"] == "head" and h["control"]["within_1_point_either_metric"] is passes
+        md = report.markdown({**results, "hypothesis": h})
+        assert "| control: head (no encoder update) |" in md
+        assert ("The control passes too" in md) is passes
 
 
 def test_cli_rejects_bad_arguments(capsys):

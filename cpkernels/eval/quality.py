@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import convert, cp_layers, parameter_report, task_context
+from .._buildinfo import source_commit
 
 __all__ = ["StudyConfig", "QUICK", "TopLayers", "StudyModel", "prepare", "run_study", "main"]
 
@@ -424,19 +424,6 @@ def run_seed(top, data, info, cfg: StudyConfig, seed: int, methods, keep_similar
 # --------------------------------------------------------------------------------------------
 # The whole study
 # --------------------------------------------------------------------------------------------
-def _commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parents[2]
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpkernels"], cwd=here, capture_output=True,
-                               text=True, timeout=10)
-        if sha.returncode:
-            return None
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def run_study(cfg: StudyConfig, output_dir, say=print) -> dict:
     """Run every method for every seed; write results.json, results.md and the figures; return the results."""
     from . import report
@@ -451,7 +438,7 @@ def run_study(cfg: StudyConfig, output_dir, say=print) -> dict:
         "quick": cfg.quick,
         "note": "QUICK RUN: a smoke test of the pipeline; its numbers are not claimed." if cfg.quick else None,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
-        "encoder": info, "commit": _commit(),
+        "encoder": info, "commit": source_commit(),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
                         "cpus": os.cpu_count()},
         "tasks": [{"name": d.name, "num_labels": d.num_labels, "label_names": list(d.label_names),
@@ -502,7 +489,7 @@ def run_ablation(cfg: StudyConfig, output_dir, say=print) -> dict:
             row["setting"] = f"{row['setting']} {label}"
         rows += got
     results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
-               "encoder": info, "commit": _commit(), "tasks": [{"name": d.name} for d in data], "runs": rows,
+               "encoder": info, "commit": source_commit(), "tasks": [{"name": d.name} for d in data], "runs": rows,
                "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
     results["summary"] = report.summarise(results)
     results["wall_time_s"] = time.perf_counter() - t_start
