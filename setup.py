@@ -19,7 +19,6 @@ import shutil
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -99,6 +99,12 @@ def test_hypothesis_reports_when_the_probe_passes_too():
         assert ("The control passes too" in md) is passes
 
 
+def test_lasso_help_names_the_real_default():
+    # It once claimed "0.5,1" while the config held (1.0, 3.0).
+    text = quality.build_parser().format_help()
+    assert ",".join(f"{v:g}" for v in quality.StudyConfig.lasso) in " ".join(text.split())
+
+
 def test_cli_rejects_bad_arguments(capsys):
     assert quality.main(["--methods", "cp-multi,nope"]) == 2
     assert "nope" in capsys.readouterr().err
