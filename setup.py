@@ -72,7 +72,7 @@ def _extensions():
 
     with_cuda = not _truthy("CPKERNELS_NO_CUDA") and (
         _truthy("FORCE_CUDA") or (torch.version.cuda is not None and cuda_home is not None))
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/host.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     # -fopenmp: at::parallel_for is a header template; without it the loop runs on one thread.
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's choice (C++20 from torch 2.13)

@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import numbers
 import os
+import warnings
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -132,6 +133,20 @@ def _choose_backend(device_type: str, requested: str | None, dtype: torch.dtype 
 _choose_backend._dynamo_marked_constant = True
 
 
+_warned_no_extension = False
+
+
+def _warn_no_extension_once(x: torch.Tensor) -> None:
+    """Say once per process that the automatic choice fell back to the einsum reference because the
+    compiled extension is missing (typically: the source tree imported instead of the installed copy)."""
+    global _warned_no_extension
+    if _warned_no_extension:
+        return
+    _warned_no_extension = True
+    warnings.warn(f"cpkernels: cp_linear runs the slow einsum reference, not the compiled kernels: "
+                  f"{explain_backend(x)}", RuntimeWarning, stacklevel=3)
+
+
 def explain_backend(x: torch.Tensor, backend: str | None = None) -> str:
     """Say which backend `cp_linear` picks for tensors like `x`, and why the better ones were passed over."""
     device_type = x.device.type
@@ -212,12 +227,11 @@ def _make_backward(bwd_op):
     return backward
 
 
+# The autograd of cp_linear_fwd is C++ (csrc/host.cpp, the same formulas as _make_backward): a Python
+# autograd kernel would cost ~4 µs per call even under no_grad, and ~25 µs with grad (issue 19).
 if _ext._C is not None:
     torch.library.register_fake("cpkernels::cp_linear_fwd")(_fake_fwd)
     torch.library.register_fake("cpkernels::cp_linear_bwd")(_fake_bwd)
-    torch.library.register_autograd(
-        "cpkernels::cp_linear_fwd", _make_backward(torch.ops.cpkernels.cp_linear_bwd), setup_context=_setup_context
-    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -284,8 +298,11 @@ def _check_inputs(x, weight, bias, A, B, C, task_ids) -> torch.Tensor:
         raise ValueError("x must have at least one dimension (*, d_in), got a 0-d tensor")
     _check_tensor("weight", weight, x, same_dtype=True)
     d_in = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != d_in:
-        raise ValueError(f"weight has shape {_shape(weight)}, expected (d_out, d_in={d_in}) for x of shape {_shape(x)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (d_out, d_in), got shape {_shape(weight)}")
+    if weight.shape[1] != d_in:  # name x first: the weight is usually right and the input the wrong width
+        raise ValueError(f"x has shape {_shape(x)}, so d_in={d_in}, but weight has shape {_shape(weight)}, which "
+                         f"takes inputs of width {weight.shape[1]}: x's last dimension must equal weight.shape[1]")
     if weight.requires_grad:
         raise ValueError("weight.requires_grad is True, but W0 is frozen by design in cp_linear; call "
                          "weight.requires_grad_(False) (only A, B, C and optionally bias are trained)")
@@ -356,6 +373,65 @@ def _needs_reference(A: torch.Tensor) -> str | None:
     return None
 
 
+#: The eager backend choice per (x on CUDA, requested backend, x's dtype): _choose_backend's answer,
+#: remembered so that a call pays one dict lookup for it.
+_EAGER_CHOICE: dict = {}
+# os.environ.get("CPKERNELS_BACKEND") costs ~0.4 µs (a key encode and two Mapping calls), a tenth of
+# F.linear at a tiny shape; the dict behind os.environ answers the same in ~0.05 µs and os.environ
+# keeps it current. (A CPython detail: where it is missing, os.environ.get is used.)
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("CPKERNELS_BACKEND") if _ENVIRON is not None else None
+
+
+def _env_backend() -> str | None:
+    if _ENVIRON is None:
+        return os.environ.get("CPKERNELS_BACKEND") or None
+    value = _ENVIRON.get(_ENV_KEY)
+    return os.environ.decodevalue(value) or None if value is not None else None
+
+
+def _eager_backend(x: torch.Tensor, backend):
+    """The backend an eager call on plain CPU/CUDA tensors goes to, or None to let the full path decide.
+
+    Reads CPKERNELS_BACKEND on every call (setting it later still counts)."""
+    requested = backend if backend is not None else _env_backend()
+    key = (x.is_cuda, requested, x.dtype)
+    name = _EAGER_CHOICE.get(key)
+    if name is None and (x.is_cuda or x.is_cpu) and (requested is None or requested in BACKENDS):
+        try:
+            name = _EAGER_CHOICE[key] = _choose_backend("cuda" if x.is_cuda else "cpu", requested, x.dtype)
+        except RuntimeError:  # an unavailable backend: the full path raises the error that says why
+            return None
+    return name
+
+
+def _fast(x, weight, bias, A, B, C, task_ids, scale, backend):
+    """The eager host path (issue 19): checks, task ids and dispatch in C++ (csrc/host.cpp).
+
+    Returns y, or None whenever anything needs a closer look: the C++ side only decides that every
+    argument is valid and never explains; the full Python path below then raises the error that names
+    the argument (or serves the call: lists of ids, autocast, rank 0, tensor subclasses ...).
+    """
+    if (torch.compiler.is_compiling() or forward_ad._current_level >= 0
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return None  # dynamo traces the Python path; forward AD and torch.func need the reference
+    name = _eager_backend(x, backend)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # no id check may sync during CUDA-graph capture
+    hi = task_ids_mod.owned_max(task_ids)
+    try:
+        if name == "cpu" or name == "cuda":
+            return _ext._C.forward(x, weight, bias, A, B, C, task_ids, scale, hi)
+        inputs = _ext._C.prepare(x, weight, bias, A, B, C, task_ids, hi) if name == "triton" else None
+    except TypeError:  # an argument that is not a tensor (pybind's message names none): the full path says
+        return None
+    if inputs is not None:
+        x2, b2, A2, B2, C2, t2 = inputs
+        y, _ = torch.ops.cpkernels.triton_cp_linear_fwd(x2, weight, b2, A2, B2, C2, t2, scale)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return None
+
+
 def cp_linear(x, weight, bias, A, B, C, task_ids, scale=1.0, *, backend=None):
     """Compute ``x·weightᵀ + bias + scale · ((x·B) ⊙ C[task_ids]) · Aᵀ`` with a fused backend.
 
@@ -374,6 +450,11 @@ def cp_linear(x, weight, bias, A, B, C, task_ids, scale=1.0, *, backend=None):
     Returns:
         A (*, d_out) tensor in x's dtype.
     """
+    if (_ext._C is not None and type(task_ids) is torch.Tensor and isinstance(x, torch.Tensor)
+            and (type(scale) is float or type(scale) is int)):
+        y = _fast(x, weight, bias, A, B, C, task_ids, scale, backend)
+        if y is not None:
+            return y
     _check_is_tensor("x", x)
     _check_is_tensor("weight", weight)
     if bias is not None:
@@ -381,7 +462,10 @@ def cp_linear(x, weight, bias, A, B, C, task_ids, scale=1.0, *, backend=None):
     scale = _check_scale(scale)
     x, weight, bias = _autocast_inputs(x, weight, bias)
     t = _check_inputs(x, weight, bias, A, B, C, task_ids)
-    name = _choose_backend(x.device.type, _requested_backend(backend), x.dtype)
+    requested = _requested_backend(backend)
+    name = _choose_backend(x.device.type, requested, x.dtype)
+    if name == "reference" and requested is None and _ext._C is None and not torch.compiler.is_compiling():
+        _warn_no_extension_once(x)
     why = _needs_reference(A)
     if why is not None:
         if not torch.compiler.is_compiling():  # (dynamo cannot trace a logging call)

@@ -1,8 +1,10 @@
 """Every task-id rule of `cp_linear`, in one place (ARCHITECTURE §2).
 
 The contract:
-  * dtype: an int, or an integer tensor (int32/int64; other integer dtypes are widened). Floats,
-    booleans, complex numbers and sparse tensors are refused, never rounded.
+  * dtype: an int, a list or tuple of ints (taken as torch.as_tensor would), or an integer tensor of
+    any width, signed or unsigned (int32/int64 are used as they are, the others widened to int64;
+    uint64 values of 2**63 and above are refused by value, never wrapped to -1). Floats, booleans,
+    complex numbers and sparse tensors are refused, never rounded.
   * form: a Python int (one task for the whole call), a tensor of shape x.shape[:-1] (one task per
     row), of shape (x.shape[0],) (one task per sample, broadcast over the other leading dims), or 0-d.
   * values: an id in [0, num_tasks) selects C[id]; NO_ADAPTER (-1) means "no adapter": the row gets
@@ -14,7 +16,8 @@ The contract:
 
 The check cache is safe by construction: it never trusts a tensor that someone else can modify.
 `own()` copies ids into a fresh tensor the library owns, checks its values once (one aminmax, so one
-host sync per batch on CUDA) and records (min, max) in a weak-keyed map. `resolve()` recognises an
+host sync per batch on CUDA) and records (min, max) in a map keyed by identity, whose entries die with
+their tensors (a weak reference confirms the identity). `resolve()` recognises an
 owned tensor and only compares that range with each layer's num_tasks, on the host: no device sync
 and no re-check per layer. Any other tensor is checked on every call: its memory may change behind
 our back (numpy views, `.data` writes, inference-mode tensors with no version counter).
@@ -22,12 +25,13 @@ our back (numpy views, `.data` writes, inference-mode tensors with no version co
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["NO_ADAPTER", "TaskIdError", "check_dtype", "broadcast", "own", "is_owned", "resolve", "gather_rows"]
+__all__ = ["NO_ADAPTER", "TaskIdError", "check_dtype", "broadcast", "own", "is_owned", "owned_max", "resolve",
+           "gather_rows"]
 
 #: The id of a row that gets no adapter (the LoRA serving convention).
 NO_ADAPTER = -1
@@ -48,9 +52,43 @@ def check_dtype(task_ids: torch.Tensor) -> None:
 
 def _check_type(task_ids) -> None:
     if isinstance(task_ids, bool) or not isinstance(task_ids, (int, torch.Tensor)):
-        raise TypeError(f"task_ids must be an int or an integer tensor, got {type(task_ids).__name__}")
+        raise TypeError(f"task_ids must be an int, a list of ints or an integer tensor, got "
+                        f"{type(task_ids).__name__}")
     if isinstance(task_ids, torch.Tensor):
         check_dtype(task_ids)
+
+
+def _from_sequence(task_ids, device=None) -> torch.Tensor:
+    """A list or tuple of ints (nested for per-row ids) as an int64 tensor, as torch.as_tensor makes it.
+
+    The values are range-checked first (by position, as for a tensor), so an int beyond int64 is a
+    TaskIdError, not an overflow."""
+    def walk(item, index):
+        if isinstance(item, (list, tuple)):
+            for i, sub in enumerate(item):
+                yield from walk(sub, index + (i,))
+        elif isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"task_ids given as a {type(task_ids).__name__} must hold ints only, got "
+                            f"{type(item).__name__} {item!r}")
+        else:
+            yield index, item
+
+    for index, t in walk(task_ids, ()):
+        if not NO_ADAPTER <= t < 2 ** 63:
+            where = f"row {index[0]}" if len(index) == 1 else f"task_ids{list(index)}"
+            raise _range_error(f"{where} has task id {t}", None)
+    return torch.as_tensor(task_ids, dtype=torch.int64, device=device)
+
+
+def _signed(ids: torch.Tensor) -> torch.Tensor:
+    """int32/int64 ids as they are; other integer dtypes as int64. uint64 is reinterpreted, not converted
+    (the conversion is not implemented everywhere): its values of 2**63 and above then read as negative,
+    which the value check refuses, or which the kernels treat as out of range where no check runs."""
+    if ids.dtype in (torch.int32, torch.int64):
+        return ids
+    if ids.dtype == torch.uint64:
+        return ids.view(torch.int64)
+    return ids.to(torch.int64)
 
 
 def broadcast(task_ids, lead_shape, device) -> torch.Tensor:
@@ -59,6 +97,8 @@ def broadcast(task_ids, lead_shape, device) -> torch.Tensor:
     Checks the type and the form, not the values. The result may be a broadcast view.
     """
     lead_shape = torch.Size(lead_shape)
+    if isinstance(task_ids, (list, tuple)):
+        task_ids = _from_sequence(task_ids, device)
     _check_type(task_ids)
     if isinstance(task_ids, int):
         _check_int(task_ids)
@@ -69,10 +109,11 @@ def broadcast(task_ids, lead_shape, device) -> torch.Tensor:
         return task_ids.reshape(task_ids.shape + (1,) * (len(lead_shape) - 1)).expand(lead_shape)
     if task_ids.dim() == 0:
         return task_ids.expand(lead_shape)
-    raise ValueError(
-        f"task_ids has shape {tuple(task_ids.shape)}, but x has leading shape {tuple(lead_shape)}: "
-        f"expected {tuple(lead_shape)} (one task per row) or {tuple(lead_shape[:1])} (one task per sample)"
-    )
+    forms = f"{tuple(lead_shape)} (one task per row)"
+    if len(lead_shape) > 1:  # with one leading dim, per row and per sample are the same shape
+        forms += f" or {tuple(lead_shape[:1])} (one task per sample)"
+    raise ValueError(f"task_ids has shape {tuple(task_ids.shape)}, but x has leading shape {tuple(lead_shape)}: "
+                     f"expected {forms}, or a single id")
 
 
 def _range_error(what: str, num_tasks: int | None) -> TaskIdError:
@@ -86,14 +127,22 @@ def _check_int(task_id: int, num_tasks: int | None = None) -> None:
         raise _range_error(f"got task_ids={task_id}", num_tasks)
 
 
-def _first_bad(ids: torch.Tensor, num_tasks: int | None) -> TaskIdError:
-    """The error for the first out-of-range entry of `ids` (there is one); names its index in `ids`."""
+def _first_bad(ids: torch.Tensor, num_tasks: int | None, original: torch.Tensor | None = None) -> TaskIdError:
+    """The error for the first out-of-range entry of `ids` (there is one); names its index in `ids`.
+
+    `ids` are signed (`_signed`); `original` is what the caller passed, whose value the message shows
+    (a uint64 id of 2**64 - 1 is named as such, not as the -1 it reads as)."""
     bad = ids < NO_ADAPTER
     if num_tasks is not None:
         bad |= ids >= num_tasks
+    if original is not None and original.dtype == torch.uint64:
+        bad |= ids < 0  # 2**63 and above: never "no adapter"
     index = tuple(int(i) for i in bad.nonzero()[0]) if ids.dim() else ()
     where = {0: "task_ids", 1: f"row {index[0]}" if index else ""}.get(len(index), f"task_ids{list(index)}")
-    return _range_error(f"{where} has task id {int(ids[index])}", num_tasks)
+    value = int(ids[index])
+    if original is not None and original.dtype == torch.uint64 and value < 0:
+        value += 2 ** 64
+    return _range_error(f"{where} has task id {value}", num_tasks)
 
 
 def _checks_enabled() -> bool:
@@ -117,9 +166,22 @@ class _Owned:
     flat: dict = field(default_factory=dict)  # lead shape -> contiguous (M,) copy (per-sample form only)
 
 
-# Keyed by identity (a tensor's == is elementwise), weakly: an entry dies with its tensor. A value
-# never references its key (the flat copies are copies, not views), so nothing is kept alive.
-_owned: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Keyed by id(tensor), with a weak reference that confirms the identity (an id can be reused once its
+# tensor is gone) and whose callback removes the entry when the tensor dies. A lookup is one dict get and
+# one weakref call, ~0.1 µs: it sits on every layer call (issue 19; a WeakIdKeyDictionary cost ~2 µs).
+# A value never references its key (the flat copies are copies, not views), so nothing is kept alive.
+_owned: dict[int, tuple[weakref.ref, _Owned]] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _owned.get(key)
+    if entry is not None and entry[0] is ref:
+        del _owned[key]
+
+
+def _owned_entry(task_ids) -> _Owned | None:
+    entry = _owned.get(id(task_ids))
+    return entry[1] if entry is not None and entry[0]() is task_ids else None
 
 
 def own(task_ids, device=None) -> torch.Tensor:
@@ -130,35 +192,48 @@ def own(task_ids, device=None) -> torch.Tensor:
     this tensor. Give it to cp_linear / the layers and do not modify it in place: the library relies on
     nobody else writing to it (that is what makes the cache safe). Works under torch.inference_mode.
     """
+    if torch.compiler.is_compiling():
+        # Raised, not traced: dynamo cannot read the values (a data-dependent guard) nor set the ContextVar
+        # that routes them. Without fullgraph, dynamo runs this frame eagerly instead and all is well; with
+        # fullgraph=True, this message is what the user reads (issue 21).
+        raise RuntimeError(
+            "cpkernels: task ids cannot be routed inside a torch.compile(fullgraph=True) region (task_ids= on "
+            "a converted model, or task_context/own inside the compiled code): their values are checked once "
+            "per batch and routed through a ContextVar, which dynamo cannot trace. Enter `with "
+            "cpkernels.task_context(model, task_ids):` outside the compiled call and call the compiled model "
+            "inside it without task_ids=, or pass task_ids= to the FusedCPLinear layers themselves")
     if isinstance(task_ids, (list, tuple)):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in task_ids):
-            raise TypeError(f"task_ids given as a {type(task_ids).__name__} must hold ints only, got {task_ids!r}")
-        for i, t in enumerate(task_ids):  # before torch.tensor, which would overflow on 2**63
-            if not NO_ADAPTER <= t < 2 ** 63:
-                raise _range_error(f"row {i} has task id {t}", None)
-        task_ids = torch.tensor(task_ids, dtype=torch.int64)
+        task_ids = _from_sequence(task_ids)
     elif isinstance(task_ids, int) and not isinstance(task_ids, bool):
         _check_int(task_ids)
         task_ids = torch.tensor(task_ids, dtype=torch.int64)
     else:
         _check_type(task_ids)
-    dtype = task_ids.dtype if task_ids.dtype in (torch.int32, torch.int64) else torch.int64
-    owned = task_ids.to(device=device if device is not None else task_ids.device, dtype=dtype, copy=True)
-    if owned.device.type == "meta":
+    if task_ids.device.type == "meta":
         raise ValueError("task_ids on the meta device have no values to own; pass them to cp_linear directly")
+    signed = _signed(task_ids)
+    dtype = signed.dtype if signed.dtype == torch.int32 else torch.int64
+    owned = signed.to(device=device if device is not None else task_ids.device, dtype=dtype, copy=True)
     if owned.numel() == 0:
         lo, hi = 0, -1
     else:
         lo, hi = (int(v) for v in torch.aminmax(owned))  # the one host sync per batch
-        if lo < NO_ADAPTER:
-            raise _first_bad(owned, None)
-    _owned[owned] = _Owned(lo, hi)
+        if lo < NO_ADAPTER or (lo < 0 and task_ids.dtype == torch.uint64):
+            raise _first_bad(owned, None, task_ids)
+    key = id(owned)
+    _owned[key] = (weakref.ref(owned, lambda ref, key=key: _forget(key, ref)), _Owned(lo, hi))
     return owned
 
 
 def is_owned(task_ids) -> bool:
     """True for a tensor made by `own()`."""
-    return isinstance(task_ids, torch.Tensor) and task_ids in _owned
+    return isinstance(task_ids, torch.Tensor) and _owned_entry(task_ids) is not None
+
+
+def owned_max(task_ids) -> int | None:
+    """The largest id of a tensor made by `own()` (checked when it was made), else None."""
+    entry = _owned.get(id(task_ids))
+    return entry[1].hi if entry is not None and entry[0]() is task_ids else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,16 +249,17 @@ def resolve(task_ids, lead_shape, device, num_tasks: int) -> torch.Tensor:
         if _checks_enabled():
             _check_int(task_ids, num_tasks)
         return broadcast(task_ids, lead_shape, device).reshape(-1)
-    rows = broadcast(task_ids, lead_shape, device)
-    if task_ids.dtype not in (torch.int32, torch.int64):
-        rows = rows.long()
-    if _cannot_check(task_ids):
+    if isinstance(task_ids, (list, tuple)):
+        task_ids = _from_sequence(task_ids, device)
+    original = task_ids
+    rows, ids = _signed(broadcast(task_ids, lead_shape, device)), _signed(task_ids)
+    if _cannot_check(original):
         return rows.reshape(-1).contiguous()  # the kernels mask out-of-range rows (they act as -1)
-    entry = _owned.get(task_ids)
+    entry = _owned_entry(original)
     if entry is not None:
         if entry.hi >= num_tasks and _checks_enabled():
-            raise _first_bad(task_ids, num_tasks)
-        if rows is task_ids:  # per-row form: an owned tensor is contiguous, so this is a free view
+            raise _first_bad(original, num_tasks)
+        if rows is original:  # per-row form: an owned tensor is contiguous, so this is a free view
             return rows.reshape(-1)
         flat = entry.flat.get(lead_shape)
         if flat is None:
@@ -191,9 +267,9 @@ def resolve(task_ids, lead_shape, device, num_tasks: int) -> torch.Tensor:
         return flat
     flat = rows.reshape(-1).contiguous()
     if flat.numel() and _checks_enabled():
-        lo, hi = (int(v) for v in torch.aminmax(task_ids))  # the ids themselves: no bigger than flat
-        if lo < NO_ADAPTER or hi >= num_tasks:
-            raise _first_bad(task_ids, num_tasks)  # indexed as the caller passed them (per row or sample)
+        lo, hi = (int(v) for v in torch.aminmax(ids))  # the ids themselves: no bigger than flat
+        if lo < NO_ADAPTER or hi >= num_tasks or (lo < 0 and original.dtype == torch.uint64):
+            raise _first_bad(ids, num_tasks, original)  # indexed as the caller passed them (per row or sample)
     return flat
 
 

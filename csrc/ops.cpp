@@ -3,18 +3,9 @@
 // Each backend file registers kernels for these schemas (csrc/cpu for the CPU dispatch key,
 // csrc/cuda for CUDA). Fake (meta) kernels and autograd are registered from Python, in
 // cpkernels/ops.py, which is the single source of truth for the op contract.
-#include <Python.h>
 #include <torch/library.h>
 
-// Importing `cpkernels._C` from Python runs the static registrations below; the module
-// itself exposes nothing.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
-
+// The Python module `cpkernels._C` (its init function and the eager host path) is defined in host.cpp.
 TORCH_LIBRARY(cpkernels, m) {
   // x (M, d_in), weight (d_out, d_in), bias (d_out)?, A (d_out, r), B (d_in, r), C (T, r),
   // task_ids (M) int32/int64. Returns y (M, d_out) and u = x·B (M, r), saved for backward.

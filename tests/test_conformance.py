@@ -203,6 +203,40 @@ def test_bad_int_task_id_raises(be, bad):
         cp_linear(**{**inp, "task_ids": bad}, backend=be.name)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("form", ["row", "sample"])
+def test_task_ids_of_every_integer_width(be, dtype, form):
+    """Any integer dtype, signed or unsigned, gives the result of the same ids in int64 (issue 21:
+    uint16/32/64 raised "aminmax not implemented"); -1 only where the dtype can hold it."""
+    inp = inputs(be, (4, 3), 17, 9, 3, 3, form=form, requires_grad=False, no_adapter=dtype.is_signed)
+    want = cp_linear(**inp, scale=SCALE, backend=be.name)
+    y = cp_linear(**{**inp, "task_ids": inp["task_ids"].to(dtype)}, scale=SCALE, backend=be.name)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    owned = cpkernels.task_ids.own(inp["task_ids"].to(dtype))
+    torch.testing.assert_close(cp_linear(**{**inp, "task_ids": owned}, scale=SCALE, backend=be.name), want,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,bad", [(torch.uint8, 3), (torch.uint16, 40000), (torch.uint32, 2 ** 32 - 1),
+                                       (torch.uint64, 2 ** 64 - 1), (torch.uint64, 2 ** 63)])
+def test_unsigned_ids_out_of_range_are_refused_not_read_as_minus_one(be, dtype, bad):
+    """2**64 − 1 in uint64 has the bits of -1 in int64: it must be refused by value, never served as
+    'no adapter' (nor may any id of 2**63 and above wrap)."""
+    inp = inputs(be, (5,), 6, 4, 3, 3, requires_grad=False)
+    ids = torch.tensor([0, 1, 2, 1, 0], dtype=torch.int64)
+    as_dtype = ids.to(dtype)
+    if dtype == torch.uint64:  # torch cannot make a uint64 tensor of 2**63 and above from a Python int
+        as_dtype.view(torch.int64)[3] = bad - 2 ** 64 if bad >= 2 ** 63 else bad
+    else:
+        as_dtype[3] = bad
+    for t in (as_dtype.to(be.device), as_dtype.to(be.device).view(5, 1)[:, 0]):
+        with pytest.raises(IndexError, match=f"row 3 has task id {bad}"):
+            cp_linear(**{**inp, "task_ids": t}, backend=be.name)
+    with pytest.raises(IndexError, match=f"has task id {bad}"):
+        cpkernels.task_ids.own(as_dtype.to(be.device)) if bad >= 2 ** 63 else cp_linear(
+            **{**inp, "task_ids": cpkernels.task_ids.own(as_dtype.to(be.device))}, backend=be.name)
+
+
 def test_minus_one_rows_are_the_base_layer(be):
     """Rows with id -1 get x·W0ᵀ + b and add nothing to dA, dB, dC: the factor gradients are those
     of the other rows alone."""

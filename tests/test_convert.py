@@ -376,6 +376,23 @@ def test_torch_compile_fullgraph_model_with_task_context():
     assert counter.frame_count == 1  # new id values reuse the graph: no recompilation per batch
 
 
+def test_task_ids_keyword_under_fullgraph_compile_says_what_to_do():
+    """task_ids= on a compiled converted model: dynamo can neither read the ids' values nor set the routing
+    ContextVar. With fullgraph=True the error must name the fix (issue 21: it was a bare dynamo error
+    about a data-dependent guard); without fullgraph the call runs (dynamo runs that frame eagerly)."""
+    model = _converted_net()
+    tokens = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([0, 3, 1, 2])
+    expected = model(tokens, task_ids=ids)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"(?s)task_context\(model, task_ids\).*outside the compiled call"):
+        torch.compile(model, fullgraph=True, backend="eager")(tokens, task_ids=ids)
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="eager")(tokens, task_ids=ids)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
 # --------------------------------------------------------------------------------------------
 # Hugging Face models
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def _args(**over):
     ("float ids", TypeError, "task_ids must be an integer tensor"),
     ("bool ids", TypeError, "task_ids must be an integer tensor"),
     ("ids shape", ValueError, r"task_ids has shape \(4,\)"),
-    ("d_in", ValueError, r"weight has shape \(4, 7\).*d_in=6"),
+    ("d_in", ValueError, r"^x has shape \(5, 6\), so d_in=6, but weight has shape \(4, 7\)"),
     ("A rows", ValueError, r"A has shape \(5, 3\).*d_out=4"),
     ("B rank", ValueError, r"B has shape \(6, 2\).*r=3"),
     ("C rank", ValueError, r"C has shape \(2, 4\).*r=3"),
@@ -129,10 +129,21 @@ def test_env_var_selects_backend():
     assert out.startswith("reference (requested by CPKERNELS_BACKEND)")
 
 
-@pytest.mark.parametrize("ids", [[0, 1, 0, 1, 0], 1.0, "0"])
+@pytest.mark.parametrize("ids", [1.0, "0", [0, 1.0, 0, 1, 0], [0, True, 0, 1, 0], (0, "1", 0, 1, 0)])
 def test_task_ids_of_wrong_type_name_the_argument(ids):
     with pytest.raises(TypeError, match="task_ids"):
         cp_linear(**_args(task_ids=ids))
+
+
+@pytest.mark.parametrize("as_type", [list, tuple])
+def test_task_ids_as_a_list_of_ints(as_type):
+    """A list or tuple of ints is taken as torch.as_tensor would take it (issue 21)."""
+    a = _args()
+    ids = a["task_ids"]
+    y = cp_linear(**{**a, "task_ids": as_type(ids.tolist())})
+    torch.testing.assert_close(y, cp_linear(**a), rtol=0, atol=0)
+    with pytest.raises(IndexError, match="row 1 has task id 9"):
+        cp_linear(**{**a, "task_ids": as_type([0, 9] + ids.tolist()[2:])})
 
 
 def test_wrong_shape_is_reported_before_bad_values():
@@ -209,3 +220,30 @@ def test_all_meta_inputs_give_shapes():
     a = {k: (v.to("meta") if torch.is_tensor(v) else v) for k, v in _args().items()}
     assert cp_linear(**a).shape == (5, 4) and cp_linear(**a).device.type == "meta"
     assert cp_linear(**{**a, "task_ids": 1}).shape == (5, 4)
+
+
+def test_source_tree_without_extension_warns_once(tmp_path):
+    """Importing a source checkout (no compiled _C) falls back to the slow reference: say so once, at the
+    first call that falls back, with the reason and the fix (issue 21). Run on a copy of the package
+    without its extension, in a fresh interpreter whose working directory is the copy's parent."""
+    import shutil
+    from pathlib import Path
+
+    import cpkernels
+
+    src = Path(cpkernels.__file__).resolve().parent
+    shutil.copytree(src, tmp_path / "cpkernels", ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    code = ("import warnings, cpkernels; from cpkernels.testing import make_inputs\n"
+            "warnings.simplefilter('always')\n"
+            "inp = make_inputs(5, 6, 4, 3, 2, requires_grad=False)\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    for _ in range(3): cpkernels.cp_linear(**inp)\n"
+            "print(cpkernels.__file__); print(len(w)); print(w[0].message if w else '')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    where, count, message = res.stdout.split("\n", 2)
+    assert where.startswith(str(tmp_path))
+    assert count == "1"
+    assert "slow einsum reference" in message and "no compiled extension" in message
+    assert "build_ext --inplace" in message

@@ -43,11 +43,29 @@ def test_own_copies_and_checks_once_per_batch(aminmax_calls):
     torch.testing.assert_close(cp_linear(**{**inp, "task_ids": owned}), y, rtol=0, atol=0)
 
 
-def test_plain_tensors_are_checked_on_every_call(aminmax_calls):
+def test_plain_tensors_are_checked_on_every_call():
+    """A tensor the library does not own may change between calls: each call reads its values again
+    (on the C++ host path as on the Python one)."""
     inp = _inputs()
-    for _ in range(3):
+    ids = inp["task_ids"]
+    for bad in (3, 7, -2):
+        good = int(ids[2])
         cp_linear(**inp)
-    assert len(aminmax_calls) == 3
+        ids[2] = bad
+        with pytest.raises(IndexError, match=f"row 2 has task id {bad}"):
+            cp_linear(**inp)
+        ids[2] = good
+
+
+def test_owned_ids_are_not_read_again():
+    """The other half of the cache: an owned tensor's values are not read per call. (Writing to one
+    breaks the contract of own(); here it proves that no check runs: the bad row acts as -1.)"""
+    inp = _inputs()
+    owned = tid.own(inp["task_ids"])
+    owned[2] = 7
+    y = cp_linear(**{**inp, "task_ids": owned})
+    expected = cp_linear_reference(**{**inp, "task_ids": torch.where(owned == 7, -1, owned)})
+    torch.testing.assert_close(y, expected)
 
 
 def test_owned_range_is_compared_with_each_layers_num_tasks():
@@ -125,3 +143,15 @@ def test_gather_rows_never_indexes_out_of_bounds():
     C_nan = torch.full((3, 2), float("nan"))
     assert not tid.gather_rows(C_nan, torch.tensor([-1])).isnan().any()
     assert tid.gather_rows(torch.empty(0, 2), torch.tensor([-1, -1])).shape == (2, 2)
+
+
+def test_shape_error_names_each_form_once():
+    """For a 2-D x, one task per row and one per sample are the same shape: the message gave it twice
+    ("expected (5,) (one task per row) or (5,) (one task per sample)")."""
+    inp = _inputs()
+    with pytest.raises(ValueError) as err:
+        cp_linear(**{**inp, "task_ids": torch.zeros(4, dtype=torch.long)})
+    assert str(err.value).count("(5,)") == 2 and "one task per sample" not in str(err.value)  # x's shape, expected
+    inp = _inputs(lead=(5, 7))
+    with pytest.raises(ValueError, match=r"expected \(5, 7\) \(one task per row\) or \(5,\) \(one task per sample\)"):
+        cp_linear(**{**inp, "task_ids": torch.zeros(4, dtype=torch.long)})
