@@ -8,7 +8,9 @@ An adapter directory holds two files:
 * ``adapters.safetensors``: per converted layer the tensors ``<layer>.A``, ``<layer>.B``, ``<layer>.C``
   (only the saved tasks' rows of C) and ``<layer>.bias`` when that bias was trained; per module of
   ``modules_to_save`` (task heads) its state_dict under ``modules_to_save.<module>.<key>``. The
-  config is embedded in the header, so tensors and config can never come from two different saves.
+  config is embedded in the header, so tensors and config can never come from two different saves,
+  and so is the sha256 digest of every tensor, checked on load (a flipped bit is refused, naming the
+  file and the tensor; folders saved before digests existed load with one MissingChecksumWarning).
 * ``cpkernels_config.json``: the same config, readable. When both exist they must agree.
 
 The directory is self-describing: `from_pretrained` (or `load_adapters` on a plain model) rebuilds
@@ -17,7 +19,9 @@ PEFT's name, and `peft.PeftModel.from_pretrained` then failed with ``KeyError: '
 says "Can't find 'adapter_config.json'". Directories written by cpkernels 0.1 (format 1, with our
 config in adapter_config.json) are still read. For PEFT itself, write LoRA folders with `export_lora`.
 
-Each file is written atomically (`cpkernels.io.atomic_write`).
+Each file is written atomically (`cpkernels.io.atomic_write`). The file format and the reading of a
+folder live below this module, in `cpkernels.reader` (and `factors.read_adapters`), so that nothing
+imports upward.
 """
 from __future__ import annotations
 
@@ -32,29 +36,16 @@ from torch import nn
 
 from .config import CPConfig, model_config
 from .convert import convert
-from .factors import LayerFactors, converted_layers, layer_info, model_factors, parameter_report
+from .factors import (LayerFactors, converted_layers, layer_info, model_factors, parameter_report,  # noqa: F401
+                      read_adapters, saved_factors)  # read_adapters: re-exported, it lived here
 from .io import atomic_write  # re-exported: cpkernels.train imports it from here
 from .modules import FusedCPLinear
+from .reader import (CONFIG_NAME, FORMAT_VERSION, HEADS_PREFIX, PEFT_WEIGHTS_NAME, WEIGHTS_NAME,  # noqa: F401
+                     encode_adapters, read_adapter_folder)
+from .reader import safetensors as _safetensors
 
 __all__ = ["save_adapters", "load_adapters", "from_pretrained", "read_adapters", "atomic_write", "export_lora",
            "from_lora", "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME"]
-
-FORMAT_VERSION = 2  # 2: CPConfig fields (exclude, modules_to_save), heads, cpkernels_config.json
-WEIGHTS_NAME = "adapters.safetensors"
-CONFIG_NAME = "cpkernels_config.json"
-_OLD_CONFIG_NAME = "adapter_config.json"  # format 1 wrote its config under PEFT's file name
-_HEADER_KEY = "cpkernels_adapter_config"
-_HEADS_PREFIX = "modules_to_save."
-_FILE_KEYS = {"format_version", "tasks", "base_parameters", "layers", "heads"}
-_LAYER_KEYS = {"in_features", "out_features", "rank", "bias", "scale", "trained_bias"}
-
-
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError as exc:
-        raise ImportError("saving and loading adapters needs safetensors: pip install safetensors") from exc
-    return safetensors
 
 
 def _config_of(model: nn.Module, layers) -> CPConfig:
@@ -97,7 +88,6 @@ def save_adapters(model: nn.Module, path, tasks=None) -> None:
     `tasks` (indices or names) saves only those rows of C; A and B are always saved whole since
     every task needs them. Trained biases of converted layers are saved too.
     """
-    st = _safetensors()
     layers = converted_layers(model, refuse_merged="saving adapters")
     num_tasks = layers[0][1].num_tasks
     if any(layer.num_tasks != num_tasks for _, layer in layers):
@@ -129,7 +119,7 @@ def save_adapters(model: nn.Module, path, tasks=None) -> None:
         state = module.state_dict()
         heads[head_name] = sorted(state)
         for key, t in state.items():
-            full = f"{_HEADS_PREFIX}{head_name}.{key}"
+            full = f"{HEADS_PREFIX}{head_name}.{key}"
             if full in tensors:
                 raise ValueError(f"the tensor name {full!r} of head {head_name!r} clashes with a converted layer's")
             tensors[full] = t.detach().cpu().contiguous()
@@ -138,120 +128,13 @@ def save_adapters(model: nn.Module, path, tasks=None) -> None:
                        "heads": heads}, indent=2)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, st.torch.save(tensors, metadata={_HEADER_KEY: text}))
+    atomic_write(directory / WEIGHTS_NAME, encode_adapters(tensors, text))
     atomic_write(directory / CONFIG_NAME, (text + "\n").encode())
 
 
-# --------------------------------------------------------------------------------------------
-# Read (no model needed)
-# --------------------------------------------------------------------------------------------
-def _validated(config, file) -> tuple[dict, CPConfig]:
-    """Check a saved config (either format) and return it, with its CPConfig."""
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: the adapter config is not a json object")
-    version = config.get("format_version")
-    if version not in (1, FORMAT_VERSION):
-        raise ValueError(f"{file} has adapter format_version {version!r}; this cpkernels reads 1 and {FORMAT_VERSION}")
-    fields = {f.name for f in dataclasses.fields(CPConfig)}
-    if version == 1:  # format 1 wrote None where the model had no config, and had no heads
-        config = {**config, "heads": {}, "target_modules": config.get("target_modules") or "all-linear",
-                  "init": config.get("init") or "cp"}
-    unknown = sorted(set(config) - fields - _FILE_KEYS)
-    if unknown:
-        raise ValueError(f"{file}: unknown adapter config keys {unknown}")
-    try:
-        cp = CPConfig.from_dict({k: v for k, v in config.items() if k in fields})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{file}: bad adapter config: {exc}") from None
-    tasks = config.get("tasks")
-    if (not isinstance(tasks, list) or not tasks or len(set(tasks)) != len(tasks)
-            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < cp.num_tasks for t in tasks)):
-        # A negative index would silently load into row T-1 (Python indexing): refuse it.
-        raise ValueError(f"{file}: config 'tasks' must be distinct indices in [0, num_tasks={cp.num_tasks}), "
-                         f"got {tasks!r}")
-    layers = config.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise ValueError(f"{file}: config 'layers' must name at least one layer, got {layers!r}")
-    for name, info in layers.items():
-        if not isinstance(info, dict) or set(info) != _LAYER_KEYS:
-            raise ValueError(f"{file}: layer {name!r} needs exactly the keys {sorted(_LAYER_KEYS)}, got {info!r}")
-    if not isinstance(config.get("heads"), dict):
-        raise ValueError(f"{file}: config 'heads' must be a {{module: [keys]}} object")
-    return config, cp
-
-
 def _read(path) -> tuple[dict, CPConfig, dict[str, LayerFactors], dict[str, dict[str, torch.Tensor]]]:
-    st = _safetensors()
-    path = Path(path)
-    file = path / WEIGHTS_NAME if path.is_dir() else path
-    if not file.is_file():
-        hint = ""
-        if (path / PEFT_WEIGHTS_NAME).is_file():
-            hint = " (it looks like a PEFT adapter: load it with cpkernels.from_lora)"
-        elif (path / "config.json").is_file():
-            hint = (" (it looks like a transformers save_pretrained folder, which holds the base weights: load "
-                    "it with AutoModel.from_pretrained, then cpkernels.from_pretrained(model, adapter_dir) with "
-                    "the folder written by save_adapters)")
-        raise FileNotFoundError(f"no adapter file at {file} (expected a directory written by save_adapters){hint}")
-    with st.safe_open(str(file), framework="pt", device="cpu") as f:
-        header = (f.metadata() or {}).get(_HEADER_KEY)
-        if header is None:
-            raise ValueError(f"{file} is not a cpkernels adapter file (no {_HEADER_KEY!r} in its header)")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    try:
-        raw = json.loads(header)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: the config in its header is not valid json: {exc}") from None
-    # The json next to the weights is what people read and edit; if it says something else than
-    # the header (which the tensors were saved with), one of them is wrong: refuse, never ignore.
-    for name in (CONFIG_NAME, _OLD_CONFIG_NAME):
-        side = file.parent / name
-        if side.is_file():
-            try:
-                side_config = json.loads(side.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{side} is not valid json: {exc}") from None
-            if name == _OLD_CONFIG_NAME and "peft_type" in side_config:
-                continue  # a PEFT adapter next to ours, not our config
-            if side_config != raw:
-                diff = sorted(k for k in set(raw) | set(side_config) if raw.get(k) != side_config.get(k))
-                raise ValueError(f"{side} disagrees with the config embedded in {file.name} (keys {diff}); the "
-                                 f"directory mixes two saves or was edited by hand: save the adapters again")
-    config, cp = _validated(raw, file)
-    factors = {}
-    for name, info in config["layers"].items():
-        parts = ("A", "B", "C") + (("bias",) if info["trained_bias"] else ())
-        missing = [p for p in parts if f"{name}.{p}" not in tensors]
-        if missing:
-            raise ValueError(f"{file}: layer {name!r} lacks tensors {missing}; the file is damaged")
-        t = {p: tensors.pop(f"{name}.{p}") for p in parts}
-        try:
-            f = LayerFactors(name, t["A"], t["B"], t["C"], info["scale"], t.get("bias"))
-        except ValueError as exc:
-            raise ValueError(f"{file}: {exc}") from None
-        want = (info["out_features"], info["in_features"], info["rank"], len(config["tasks"]))
-        got = (f.out_features, f.in_features, f.rank, f.num_tasks)
-        if got != want:
-            raise ValueError(f"{file}: layer {name!r} has (out, in, rank, saved tasks) = {got} but its config says "
-                             f"{want}")
-        factors[name] = f
-    heads = {}
-    for head, keys in config["heads"].items():
-        missing = [k for k in keys if f"{_HEADS_PREFIX}{head}.{k}" not in tensors]
-        if missing:
-            raise ValueError(f"{file}: head {head!r} lacks tensors {missing}; the file is damaged")
-        heads[head] = {k: tensors.pop(f"{_HEADS_PREFIX}{head}.{k}") for k in keys}
-    if tensors:
-        raise ValueError(f"{file}: tensors {sorted(tensors)[:5]} belong to no layer of the config; the file is damaged")
-    return config, cp, factors, heads
-
-
-def read_adapters(path) -> tuple[dict, dict[str, LayerFactors]]:
-    """(config, {layer name: LayerFactors}) from an adapter directory (or its .safetensors file), on the
-    CPU, without a model. C holds the rows of ``config["tasks"]``; each layer carries its saved scale.
-    The config is the saved json object (the CPConfig fields plus tasks, base_parameters, layers, heads)."""
-    config, _, factors, _ = _read(path)
-    return config, factors
+    saved = read_adapter_folder(path)  # checks digests, config and tensors (cpkernels.reader)
+    return saved.config, saved.cp_config, saved_factors(saved), saved.heads
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +287,6 @@ def from_pretrained(model: nn.Module, path) -> nn.Module:
 # lora_B·lora_A·scaling with lora_B = A (d_out × r), lora_A = diag(c_t)·Bᵀ (r × d_in) and
 # scaling = lora_alpha / r = s. The other way, T LoRA adapters side by side are one CP layer of rank
 # Σ r_t whose C holds each adapter's scaling on its own block of components and 0 elsewhere.
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
 

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .modules import FusedCPLinear
+from .reader import SavedAdapters, read_adapter_folder
 
-__all__ = ["LayerFactors", "as_factors", "model_factors", "converted_layers", "adapter_counts", "layer_info",
-           "parameter_report", "print_parameter_report"]
+__all__ = ["LayerFactors", "as_factors", "model_factors", "read_adapters", "saved_factors", "converted_layers",
+           "adapter_counts", "layer_info", "parameter_report", "print_parameter_report"]
 
 
 @dataclass(eq=False)
@@ -140,6 +141,34 @@ def model_factors(model: nn.Module, refuse_merged: str | None = None) -> dict[st
     return {name: LayerFactors.from_layer(name, m) for name, m in converted_layers(model, refuse_merged)}
 
 
+def saved_factors(saved: SavedAdapters) -> dict[str, LayerFactors]:
+    """``{name: LayerFactors}`` of an adapter folder read by `reader.read_adapter_folder`, each checked
+    against the shapes its config records."""
+    factors = {}
+    for name, t in saved.layers.items():
+        info = saved.config["layers"][name]
+        try:
+            f = LayerFactors(name, t["A"], t["B"], t["C"], info["scale"], t.get("bias"))
+        except ValueError as exc:
+            raise ValueError(f"{saved.file}: {exc}") from None
+        want = (info["out_features"], info["in_features"], info["rank"], len(saved.config["tasks"]))
+        got = (f.out_features, f.in_features, f.rank, f.num_tasks)
+        if got != want:
+            raise ValueError(f"{saved.file}: layer {name!r} has (out, in, rank, saved tasks) = {got} but its config "
+                             f"says {want}")
+        factors[name] = f
+    return factors
+
+
+def read_adapters(path) -> tuple[dict, dict[str, LayerFactors]]:
+    """(config, {layer name: LayerFactors}) from an adapter directory (or its .safetensors file), on the
+    CPU, without a model. C holds the rows of ``config["tasks"]``; each layer carries its saved scale.
+    The config is the saved json object (the CPConfig fields plus tasks, base_parameters, layers, heads).
+    Every tensor is checked against the sha256 digest recorded when it was saved."""
+    saved = read_adapter_folder(path)
+    return saved.config, saved_factors(saved)
+
+
 def as_factors(source) -> dict[str, LayerFactors]:
     """``{name: LayerFactors}`` from a converted model, a saved-adapter directory (or its .safetensors
     file), a dict of LayerFactors, or a ``{name: {"A", "B", "C"[, "scale", "bias"]}}`` dict.
@@ -147,7 +176,6 @@ def as_factors(source) -> dict[str, LayerFactors]:
     if isinstance(source, nn.Module):
         return model_factors(source)
     if isinstance(source, (str, os.PathLike)):
-        from .adapters import read_adapters  # adapters imports this module
         return read_adapters(source)[1]
     if not isinstance(source, dict):
         raise TypeError("expected a converted nn.Module, an adapter directory, or a {layer: factors} dict "

@@ -17,6 +17,7 @@ from cpkernels.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, read_ad
 from cpkernels.config import CPConfig, model_config  # noqa: E402
 from cpkernels.convert import convert, cp_layers, merge, parameter_report, task_context  # noqa: E402
 from cpkernels.factors import LayerFactors  # noqa: E402
+from cpkernels.io import ChecksumError, MissingChecksumWarning  # noqa: E402
 from cpkernels.modules import FusedCPLinear  # noqa: E402
 
 T = 3
@@ -293,16 +294,21 @@ def test_from_pretrained_refuses_a_plain_model_that_does_not_fit(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Adapter files: config consistency, negative tasks, PEFT, format 1 (issue 11 item 11, issue 13)
 # --------------------------------------------------------------------------------------------
-def _rewrite(directory, edit, json_edit=None, json_name=CONFIG_NAME):
-    """Rewrite a saved directory's header config with `edit` (and its json with `json_edit`)."""
+def _rewrite(directory, edit, json_edit=None, json_name=CONFIG_NAME, digests=True):
+    """Rewrite a saved directory's header config with `edit` (and its json with `json_edit`); with
+    ``digests=False`` drop the tensors' checksums, as files written before they existed."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     file = str(directory / WEIGHTS_NAME)
     with safe_open(file, framework="pt") as f:
-        config = json.loads(f.metadata()["cpkernels_adapter_config"])
+        metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(metadata["cpkernels_adapter_config"])
     edit(config)
-    save_file(tensors, file, metadata={"cpkernels_adapter_config": json.dumps(config)})
+    metadata["cpkernels_adapter_config"] = json.dumps(config)
+    if not digests:
+        del metadata["cpkernels_sha256"]
+    save_file(tensors, file, metadata=metadata)
     (directory / CONFIG_NAME).unlink()
     if json_edit is not None:
         json_edit(config)
@@ -343,7 +349,75 @@ def test_peft_is_not_fooled_and_format_1_still_loads(tmp_path):
         config["format_version"] = 1
         for key in ("exclude", "modules_to_save", "heads"):
             del config[key]
-    _rewrite(tmp_path, to_format_1, json_name="adapter_config.json")
+    _rewrite(tmp_path, to_format_1, json_name="adapter_config.json", digests=False)  # 0.1 wrote none
     x = torch.randn(3, 7)
-    fresh = load_adapters(_fresh(), tmp_path)
+    with pytest.warns(MissingChecksumWarning):
+        fresh = load_adapters(_fresh(), tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(_outputs(fresh, x), _outputs(model, x)))
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums (issue 21 item 2): safetensors checks the layout, not the bytes
+# --------------------------------------------------------------------------------------------
+def _flip_bit(file, tensor, byte=3, bit=5):
+    """Flip one bit inside `tensor`'s data region of a safetensors file (header: u64 size, json)."""
+    data = bytearray(file.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + size])[tensor]["data_offsets"]
+    assert start + byte < end
+    data[8 + size + start + byte] ^= 1 << bit
+    file.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_is_refused_naming_the_file_and_the_tensor(tmp_path):
+    """One flipped bit in adapters.safetensors used to load silently (damaged factors, no word)."""
+    from cpkernels.sparsity import compression_report
+    config = CPConfig(rank=3, num_tasks=T, modules_to_save=["head"])
+    save_adapters(convert(_headed_base(), config), tmp_path)
+    file = tmp_path / WEIGHTS_NAME
+    for tensor in ("mid.B", "modules_to_save.head.weight"):  # a factor and a head
+        good = file.read_bytes()
+        _flip_bit(file, tensor)
+        target = convert(_headed_base(), config)
+        before = [p.detach().clone() for p in target.parameters()]
+        match = rf"{file}: tensor '{tensor}' does not match its sha256 checksum"
+        for call in (read_adapters, lambda p: cpkernels.from_pretrained(_headed_base(), p),
+                     lambda p: load_adapters(target, p), compression_report):
+            with pytest.raises(ChecksumError, match=match):
+                call(tmp_path)
+        assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))  # nothing was modified
+        file.write_bytes(good)
+    read_adapters(tmp_path)  # the intact file loads
+
+
+def test_a_folder_without_checksums_loads_with_one_notice(tmp_path):
+    """Folders written before digests existed still load, with one warning per load, naming the file."""
+    import warnings
+    model = _trained()
+    save_adapters(model, tmp_path)
+    _rewrite(tmp_path, lambda config: None, json_edit=lambda config: None, digests=False)
+    x = torch.randn(3, 7)
+    for load in (lambda p: load_adapters(_fresh(), p), lambda p: cpkernels.from_pretrained(_base(), p)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fresh = load(tmp_path)
+        notices = [w for w in caught if issubclass(w.category, MissingChecksumWarning)]
+        assert len(notices) == 1 and len(caught) == 1, [str(w.message) for w in caught]
+        assert str(tmp_path / WEIGHTS_NAME) in str(notices[0].message) and "\n" not in str(notices[0].message)
+        assert all(torch.equal(a, b) for a, b in zip(_outputs(fresh, x), _outputs(model, x)))
+    save_adapters(fresh, tmp_path)  # saving again adds them: no notice any more
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_adapters(tmp_path)
+
+
+def test_a_tensor_added_after_saving_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    save_adapters(_trained(), tmp_path)
+    file = tmp_path / WEIGHTS_NAME
+    with safe_open(str(file), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, "extra": torch.ones(2)}, str(file), metadata=metadata)
+    with pytest.raises(ChecksumError, match=rf"{file}: tensor 'extra' has no recorded sha256 checksum"):
+        read_adapters(tmp_path)

@@ -188,7 +188,8 @@ def test_resume_equals_uninterrupted(workspace):
     run(_args(workspace, full, *common))
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-4", "step-8"]
     step4 = full / "checkpoints" / "step-4"
-    assert {p.name for p in step4.iterdir()} == {"adapters", "heads.safetensors", "heads.json", "trainer_state.pt"}
+    assert {p.name for p in step4.iterdir()} == {"adapters", "heads.safetensors", "heads.json", "trainer_state.pt",
+                                                 "checksums.json"}
 
     # A second run picks up the step-4 checkpoint (--resume auto finds it) and trains steps 5..8.
     resumed = workspace / "resumed"
@@ -549,3 +550,104 @@ def test_recipe_on_corpus_tasks_records_splits(workspace, tmp_path):
     assert on_disk["splits"] == results["splits"]
     assert {s: v["rows"] for s, v in results["splits"]["bbc"].items()} == {"train": 16, "val": 8, "test": 8}
     assert len(results["splits"]["bbc-pair"]["test"]["sha256"]) == 64
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint checksums (issue 21 item 2)
+# --------------------------------------------------------------------------------------------
+class _TinyBackbone(torch.nn.Module):
+    """What MultiTaskModel needs of a backbone (config.hidden_size, last_hidden_state), no transformers."""
+
+    def __init__(self, hidden=8):
+        super().__init__()
+        import types
+        self.config = types.SimpleNamespace(hidden_size=hidden)
+        self.embed = torch.nn.Embedding(len(WORDS), hidden)
+        self.proj = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, input_ids, attention_mask):
+        import types
+        return types.SimpleNamespace(last_hidden_state=self.proj(self.embed(input_ids)))
+
+
+def _tiny_checkpoint(path):
+    """A checkpoint of a tiny converted MultiTaskModel, after one optimizer step; the model builder."""
+    import types
+
+    import cpkernels
+    from cpkernels.train.heads import MultiTaskModel
+    from cpkernels.train.loop import Dist, linear_schedule, save_checkpoint
+
+    tasks = [types.SimpleNamespace(name=n, type="classification", num_labels=2) for n in ("a", "b")]
+
+    def build():
+        torch.manual_seed(0)
+        model = MultiTaskModel(_TinyBackbone(), tasks, pooling="cls", dropout=0.0)
+        cpkernels.convert(model.backbone, rank=2, num_tasks=2)
+        return model
+
+    model = build()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, len(WORDS), (4, 5))
+    loss, _ = model(ids, torch.ones_like(ids), torch.tensor([0, 1, 0, 1]), labels=torch.tensor([0, 1, 1, 0]))
+    loss.backward()
+    opt.step()
+    save_checkpoint(path, model, opt, linear_schedule(opt, 1, 10), MultiTaskSampler([5, 5]), 1, Dist(), {"seed": 0})
+    return model, build
+
+
+def test_checkpoint_files_are_verified_on_load(tmp_path):
+    """A flipped bit in trainer_state.pt, the heads or the adapters used to load silently (or fail
+    somewhere deep in torch.load); now the checkpoint's checksums.json names the damaged file."""
+    import warnings
+
+    from cpkernels.io import ChecksumError
+    from cpkernels.train.loop import CHECKSUMS_NAME, load_checkpoint
+
+    path = tmp_path / "step-1"
+    model, build = _tiny_checkpoint(path)
+    recorded = json.loads((path / CHECKSUMS_NAME).read_text())["files"]
+    assert set(recorded) == {"trainer_state.pt", "heads.safetensors", "heads.json", "adapters/adapters.safetensors",
+                             "adapters/cpkernels_config.json"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice for a checkpoint that carries its checksums
+        state = load_checkpoint(path, fresh := build())
+    assert state["step"] == 1 and all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    for name in ("trainer_state.pt", "heads.safetensors", "adapters/adapters.safetensors"):
+        file = path / name
+        good = file.read_bytes()
+        data = bytearray(good)
+        data[len(data) // 2] ^= 0x10
+        file.write_bytes(bytes(data))
+        with pytest.raises(ChecksumError, match=rf"{path}: file '{name}' does not match its sha256 checksum"):
+            load_checkpoint(path, build())
+        file.write_bytes(good)
+    (path / "heads.json").unlink()
+    with pytest.raises(ChecksumError, match=r"file 'heads.json' has a recorded sha256 checksum but is missing"):
+        load_checkpoint(path, build())
+
+
+def test_checkpoint_without_checksums_loads_with_one_notice(tmp_path):
+    """Checkpoints written before checksums existed (no checksums.json, adapters without digests) load."""
+    import warnings
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cpkernels.io import MissingChecksumWarning
+    from cpkernels.train.loop import CHECKSUMS_NAME, load_checkpoint
+
+    path = tmp_path / "step-1"
+    model, build = _tiny_checkpoint(path)
+    (path / CHECKSUMS_NAME).unlink()
+    file = str(path / "adapters" / "adapters.safetensors")
+    with safe_open(file, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del metadata["cpkernels_sha256"]
+    save_file(tensors, file, metadata=metadata)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = load_checkpoint(path, fresh := build())
+    assert [w.category for w in caught] == [MissingChecksumWarning], [str(w.message) for w in caught]
+    assert str(path) in str(caught[0].message)
+    assert state["step"] == 1 and all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))

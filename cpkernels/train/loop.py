@@ -11,10 +11,12 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import json
 import math
 import os
 import shutil
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapters import atomic_write, load_adapters, save_adapters
+from ..io import DIGEST, ChecksumError, MissingChecksumWarning, file_digest, verify_digests
 from .data import MultiTaskSampler, collate
 from .heads import MultiTaskModel, load_heads, save_heads
 from .metrics import compute_metrics
@@ -32,6 +35,7 @@ __all__ = ["Dist", "setup_distributed", "TrainConfig", "train", "predict", "eval
 STATE_NAME = "trainer_state.pt"
 HEADS_NAME = "heads.safetensors"
 ADAPTERS_DIR = "adapters"
+CHECKSUMS_NAME = "checksums.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,10 +122,11 @@ def save_checkpoint(path, model, optimizer, scheduler, sampler, step: int, d: Di
                     keep: int | None = None) -> None:
     """Write a checkpoint directory atomically: build it under a temporary name, then rename it.
 
-    It holds the adapters (`save_adapters`), the heads (safetensors), and trainer_state.pt with the
-    optimizer, scheduler, sampler and every rank's RNG state. A crash mid-write leaves at most a
-    stale temporary directory, never a half-written checkpoint under the real name. With `keep`,
-    only the newest `keep` step-N siblings remain.
+    It holds the adapters (`save_adapters`), the heads (safetensors), trainer_state.pt with the
+    optimizer, scheduler, sampler and every rank's RNG state, and checksums.json with the sha256 of
+    every other file (`load_checkpoint` verifies them: torch.load and safetensors do not check the
+    bytes). A crash mid-write leaves at most a stale temporary directory, never a half-written
+    checkpoint under the real name. With `keep`, only the newest `keep` step-N siblings remain.
     """
     rng = _gather(_rng_state(), d)  # collective: every rank takes part, only rank 0 writes
     if not d.is_main:
@@ -138,6 +143,9 @@ def save_checkpoint(path, model, optimizer, scheduler, sampler, step: int, d: Di
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state_dict(), "rng": rng, "meta": meta}, state)
     atomic_write(tmp / STATE_NAME, state.getvalue())
+    # Digests of the bytes as they landed on disk, written last: they cover every file above.
+    files = {p.relative_to(tmp).as_posix(): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    atomic_write(tmp / CHECKSUMS_NAME, (json.dumps({"algorithm": DIGEST, "files": files}, indent=2) + "\n").encode())
     if path.exists():  # re-saving a step (a rerun into the same output dir): swap the old one out first
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -163,13 +171,44 @@ def _prune_checkpoints(directory: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _verify_checkpoint(path: Path) -> bool:
+    """Check every file of a checkpoint against its checksums.json (ChecksumError naming the file);
+    False, after one MissingChecksumWarning, for a checkpoint written before checksums existed."""
+    manifest = path / CHECKSUMS_NAME
+    if not manifest.is_file():
+        verify_digests(path, {}, None, "file")
+        return False
+    try:
+        recorded = json.loads(manifest.read_text())
+        files = recorded["files"]
+        if recorded["algorithm"] != DIGEST or not isinstance(files, dict):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ChecksumError(f"{manifest} is damaged: expected {{'algorithm': {DIGEST!r}, 'files': {{name: digest}}}}") \
+            from None
+    outside = [n for n in files if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts]
+    if outside:
+        raise ChecksumError(f"{manifest} names files outside the checkpoint: {outside[:4]}; it is damaged")
+    actual = {name: file_digest(path / name) for name in files if (path / name).is_file()}
+    verify_digests(path, actual, files, "file")
+    return True
+
+
 def load_checkpoint(path, model: MultiTaskModel) -> dict:
-    """Load adapters and heads into `model` (before the optimizer is built); return the trainer state."""
+    """Load adapters and heads into `model` (before the optimizer is built); return the trainer state.
+
+    Every file is first checked against the checkpoint's checksums.json; one that changed since it
+    was saved raises a ChecksumError naming it. A checkpoint without checksums (written by an older
+    cpkernels) loads after one MissingChecksumWarning."""
     path = Path(path)
     if not (path / STATE_NAME).is_file():
         raise FileNotFoundError(f"--resume {path}: not a checkpoint directory (no {STATE_NAME}); checkpoints are "
                                 f"the step-N directories under OUTPUT_DIR/checkpoints")
-    load_adapters(model.backbone, path / ADAPTERS_DIR)
+    verified = _verify_checkpoint(path)
+    with warnings.catch_warnings():
+        if not verified:  # one notice per load: the checkpoint's covers its adapters folder too
+            warnings.simplefilter("ignore", MissingChecksumWarning)
+        load_adapters(model.backbone, path / ADAPTERS_DIR)
     load_heads(model, path / HEADS_NAME)
     return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
 
