@@ -146,7 +146,7 @@ def build(name: str, variant: str, plain: torch.nn.Module):
                         torch.nn.init.normal_(p, std=0.02)
                 lora.save_pretrained(f"{tmp}/task{k}")
                 folders.append(f"{tmp}/task{k}")
-            cpkernels.from_lora(folders, model)
+            cpkernels.from_lora(model, folders)
 
         def run_imported(inp):
             with cpkernels.task_context(model, inp["task_ids"]):

@@ -28,8 +28,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -319,9 +322,10 @@ def export_lora(model: nn.Module, path, tasks=None) -> list[Path]:
 
     Each holds lora_A = diag(c_t)·Bᵀ, lora_B = A and lora_alpha = s·r per converted layer (rank_pattern
     and alpha_pattern where layers differ, e.g. after pruning; layers pruned to rank 0 are left out),
-    plus the heads of ``modules_to_save``. ``peft.PeftModel.from_pretrained(base_model, folder)`` then
-    reproduces the task's output, as does any multi-LoRA server that reads PEFT folders. A trained bias
-    of a converted layer has no LoRA equivalent and is refused.
+    plus the heads of ``modules_to_save`` (under PEFT's keys; `from_lora` reads them back).
+    ``peft.PeftModel.from_pretrained(base_model, folder)`` then reproduces the task's output, as does any
+    multi-LoRA server that reads PEFT folders. A trained bias of a converted layer has no LoRA equivalent
+    and is refused.
     """
     st = _safetensors()
     layers = dict(converted_layers(model, refuse_merged="exporting LoRA adapters"))
@@ -368,9 +372,18 @@ def export_lora(model: nn.Module, path, tasks=None) -> list[Path]:
     return folders
 
 
-def _read_lora(folder) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
-    """(folder name, {layer: (lora_A, lora_B, scaling)}) of one PEFT LoRA folder, refusing what a CP
-    layer cannot hold (DoRA, biases, embeddings, heads)."""
+class _Lora(NamedTuple):
+    """One PEFT LoRA folder as `_read_lora` found it."""
+    name: str                                                   # the folder's name
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # {layer: (lora_A, lora_B, scaling)}
+    modules_to_save: list[str]                                  # its config's entries (name suffixes)
+    others: dict[str, torch.Tensor]                             # every other tensor, by model key
+
+
+def _read_lora(folder) -> _Lora:
+    """One PEFT LoRA folder, refusing what a CP layer cannot hold (DoRA, biases, embeddings). Tensors that
+    are not LoRA weights are kept (under their model keys) for the `modules_to_save` heads, which
+    `from_lora` matches against the model; a folder without modules_to_save may hold none."""
     st = _safetensors()
     folder = Path(folder)
     config_file, weights_file = folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHTS_NAME
@@ -383,20 +396,31 @@ def _read_lora(folder) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor,
                          f"lora_alpha={config.get('lora_alpha')!r}); from_lora reads LORA adapters with r and "
                          f"lora_alpha")
     unsupported = [k for k in ("use_dora", "lora_bias", "use_qalora", "target_parameters", "layer_replication",
-                               "trainable_token_indices", "modules_to_save") if config.get(k)]
+                               "trainable_token_indices") if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if unsupported:
-        raise ValueError(f"{config_file}: {unsupported} cannot become part of a shared CP layer (each task's "
-                         f"heads and biases would differ); only plain LoRA weights convert")
+        raise ValueError(f"{config_file}: {unsupported} cannot become part of a shared CP layer (each adapter "
+                         f"would need its own); only plain LoRA weights and heads "
+                         f"(modules_to_save) convert")
+    modules_to_save = config.get("modules_to_save") or []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]  # PEFT accepts a single name too
+    if not isinstance(modules_to_save, list) or not all(isinstance(m, str) and m for m in modules_to_save):
+        raise ValueError(f"{config_file}: modules_to_save must be a list of module names, got {modules_to_save!r}")
     with st.safe_open(str(weights_file), framework="pt", device="cpu") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    pairs = {}
+    pairs, others = {}, {}
     for key in tensors:
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
-        if match is None:
+        if match is not None:
+            pairs.setdefault(match.group(1), {})[match.group(2)] = tensors[key]
+        elif modules_to_save:
+            # PEFT saves a modules_to_save module's state_dict under the model's own keys (its wrapper's
+            # "modules_to_save.<adapter>." is dropped on save and put back on load).
+            others[key.removeprefix(_PEFT_PREFIX)] = tensors[key]
+        else:
             raise ValueError(f"{weights_file}: tensor {key!r} is not a LoRA lora_A/lora_B weight of a Linear layer")
-        pairs.setdefault(match.group(1), {})[match.group(2)] = tensors[key]
     layers = {}
     for name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
@@ -414,42 +438,105 @@ def _read_lora(folder) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor,
         layers[name] = (lora_A, lora_B, float(scaling))
     if not layers:
         raise ValueError(f"{weights_file} holds no LoRA weights")
-    return folder.name, layers
+    return _Lora(folder.name, layers, modules_to_save, others)
 
 
-def from_lora(folders, model: nn.Module, task_names=None) -> nn.Module:
+def _lora_heads(model: nn.Module, adapters: list[_Lora], folders: list, layer_names) -> dict[str, dict]:
+    """{head: state} to load for the modules_to_save of the LoRA folders: one model holds one head per
+    module, so every folder must carry the same values; a folder that does not list the head runs
+    with the base model's, which then must equal the others'. Consumes the head tensors of `others`."""
+    entries = list(dict.fromkeys(e for a in adapters for e in a.modules_to_save))
+    matched = [n for n, _ in model.named_modules() if n and _suffix_match(n, entries)]
+    unused = [e for e in entries if not any(_suffix_match(n, [e]) for n in matched)]
+    if unused:
+        raise ValueError(f"the LoRA adapters' modules_to_save entries {unused} match no module of "
+                         f"{type(model).__name__}; from_lora needs the base model they were trained on")
+    # A module inside another head is saved as part of it (PEFT wraps the outer one).
+    heads = [n for n in matched if not any(n.startswith(o + ".") for o in matched)]
+    loaded = {}
+    for head in heads:
+        inside = [n for n in layer_names if n == head or n.startswith(head + ".")]
+        if inside:
+            raise ValueError(f"layer {inside[0]!r} has LoRA weights but lies inside {head!r}, a modules_to_save "
+                             f"head that trains in full; a converted layer cannot sit inside a head")
+        own = {k: t.detach() for k, t in model.get_submodule(head).state_dict().items()}
+        saved, groups = None, []  # groups: [(state, [folders])] with equal values as loaded (model's dtype)
+        for folder, a in zip(folders, adapters):
+            if _suffix_match(head, a.modules_to_save):
+                missing = [k for k in own if f"{head}.{k}" not in a.others]
+                if missing:
+                    raise ValueError(f"{folder}: head {head!r} (modules_to_save) lacks the tensors {missing}")
+                state = saved = {k: a.others.pop(f"{head}.{k}") for k in own}
+                label = str(folder)
+            else:
+                state, label = own, f"{folder} (the base model's {head!r}: not in its modules_to_save)"
+            for ref, members in groups:
+                if all(state[k].shape == own[k].shape
+                       and torch.equal(state[k].to(own[k].dtype), ref[k].to(own[k].dtype)) for k in own):
+                    members.append(label)
+                    break
+            else:
+                groups.append((state, [label]))
+        if len(groups) > 1:
+            raise ValueError(f"the LoRA adapters disagree on head {head!r} (modules_to_save): "
+                             f"{' vs '.join(str(m) for _, m in groups)}; one CP model holds one {head!r} for all "
+                             f"tasks, so only heads equal in every folder convert")
+        loaded[head] = saved
+    for folder, a in zip(folders, adapters):
+        if a.others:
+            raise ValueError(f"{folder}: tensors {sorted(a.others)[:5]} are neither LoRA lora_A/lora_B weights nor "
+                             f"part of a modules_to_save module {a.modules_to_save}")
+    return loaded
+
+
+def from_lora(model: nn.Module, folders, task_names=None) -> nn.Module:
     """Turn T PEFT LoRA adapters trained on one base model into one set of CP layers of `model` (the
-    plain base), in place, with no approximation; return `model`.
+    plain base), in place, with no approximation; return `model`. The argument order is
+    `from_pretrained`'s and ``peft.PeftModel.from_pretrained``'s: the model, then where the weights are.
 
     Each layer gets rank Σ_t r_t: A = [lora_B¹ … lora_Bᵀ], B = [lora_A¹ᵀ … lora_Aᵀᵀ], and C[t] holds
     adapter t's scaling (lora_alpha / r) on its own block of components and 0 elsewhere (s = 1). A layer
     that some adapter does not touch gets no block for it. Task t then computes exactly adapter t, and
     one fused launch serves a batch mixing all of them (``task_ids`` per row). Task names default to
-    the folder names. Save the result with `save_adapters`. To trade exactness for fewer components,
-    `cpkernels.sparsity.compress(model, rank)` fits a smaller CP decomposition and reports its error.
+    the folder names. Heads (``modules_to_save``, as `export_lora` writes them) are loaded and become the
+    model's `CPConfig.modules_to_save` when they are equal in every folder; heads that differ between
+    folders are refused (one model holds one head per module). Save the result with `save_adapters`. To
+    trade exactness for fewer components, `cpkernels.sparsity.compress(model, rank)` fits a smaller CP
+    decomposition and reports its error.
+
+    ``from_lora(folders, model)`` (the order before 0.2) still works for one release, with a
+    DeprecationWarning.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(model, nn.Module) and isinstance(folders, nn.Module) \
+            and isinstance(model, (list, tuple, str, os.PathLike)):
+        warnings.warn("from_lora(folders, model) is deprecated: call from_lora(model, folders), the order of "
+                      "from_pretrained(model, path) and PeftModel.from_pretrained(model, path); the old order "
+                      "stops working in the next release", DeprecationWarning, stacklevel=2)
+        model, folders = folders, model
+    if not isinstance(model, nn.Module) or isinstance(folders, nn.Module):
+        raise TypeError(f"from_lora(model, folders, task_names=None) takes the plain base model (an nn.Module) and "
+                        f"a list of PEFT LoRA folders, got {type(model).__name__} and {type(folders).__name__}")
     if any(isinstance(m, FusedCPLinear) for m in model.modules()):
         raise ValueError("from_lora converts a plain base model; this one already has FusedCPLinear layers")
-    if isinstance(folders, (str, Path)):
+    if isinstance(folders, (str, os.PathLike)):
         folders = [folders]
     adapters = [_read_lora(f) for f in folders]
     if not adapters:
         raise ValueError("from_lora needs at least one LoRA folder")
     if task_names is None:
-        names = [name for name, _ in adapters]
+        names = [a.name for a in adapters]
         task_names = names if len(set(names)) == len(names) else None
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    missing = sorted({n for _, layers in adapters for n in layers if n not in order})
+    missing = sorted({n for a in adapters for n in a.layers if n not in order})
     if missing:
         raise ValueError(f"the LoRA adapters name layers the model lacks: {missing[:8]}; from_lora needs the "
                          f"base model they were trained on")
-    names = sorted({n for _, layers in adapters for n in layers}, key=order.__getitem__)
+    names = sorted({n for a in adapters for n in a.layers}, key=order.__getitem__)
+    heads = _lora_heads(model, adapters, folders, names)
     T = len(adapters)
     factors = {}
     for name in names:
-        blocks = [(t, layers[name]) for t, (_, layers) in enumerate(adapters) if name in layers]
+        blocks = [(t, a.layers[name]) for t, a in enumerate(adapters) if name in a.layers]
         A = torch.cat([lora_B for _, (_, lora_B, _) in blocks], dim=1)
         B = torch.cat([lora_A.T for _, (lora_A, _, _) in blocks], dim=1)
         C = torch.zeros(T, A.shape[1], dtype=A.dtype)
@@ -462,10 +549,12 @@ def from_lora(folders, model: nn.Module, task_names=None) -> nn.Module:
         except ValueError as exc:  # adapters of one layer with different (in, out): not one base model
             raise ValueError(f"the LoRA adapters disagree on layer {name!r}: {exc}") from None
     source = f"the LoRA adapters {[str(f) for f in folders]}"
-    _check_plain(model, None, factors, {}, source)
+    _check_plain(model, None, factors, heads, source)
     config = CPConfig(rank=max(f.rank for f in factors.values()), num_tasks=T, task_names=task_names,
-                      target_modules="|".join(re.escape(n) for n in names), scale=1.0)
+                      target_modules="|".join(re.escape(n) for n in names), scale=1.0,
+                      modules_to_save=sorted(heads) or None)
     convert(model, config)
+    head_states = _check_heads(model, heads, source)
     with torch.no_grad():
         for name, layer in converted_layers(model):
             f = factors[name]
@@ -474,4 +563,7 @@ def from_lora(folders, model: nn.Module, task_names=None) -> nn.Module:
                     p.copy_(v)
             else:
                 layer.set_factors(f.A, f.B, f.C)
+        for head, state in head_states.items():
+            for key, t in heads[head].items():
+                state[key].copy_(t)
     return model

@@ -97,7 +97,7 @@ def test_from_lora_matches_each_adapter_in_one_mixed_batch(tmp_path):
         make_lora(base, tmp_path, "ner", 12, r=1, lora_alpha=2, target_modules=["value"],
                   rank_pattern={"encoder.layer.1.attention.self.value": 4}),
     ]
-    model = from_lora(folders, copy.deepcopy(base))
+    model = from_lora(copy.deepcopy(base), folders)
     assert model.cpkernels_config.task_names == ["qa", "nli", "ner"]
     layers = dict(cp_layers(model))
     assert layers["encoder.layer.0.attention.self.query"].rank == 2 + 3  # qa + nli
@@ -128,15 +128,15 @@ def test_from_lora_refuses_what_it_cannot_hold(tmp_path):
     plain = make_lora(base, tmp_path, "plain", 1, r=2, target_modules=["query"])
     dora = make_lora(base, tmp_path, "dora", 2, r=2, target_modules=["query"], use_dora=True)
     with pytest.raises(ValueError, match=r"\['use_dora'\] cannot become part of a shared CP layer"):
-        from_lora([plain, dora], copy.deepcopy(base))
+        from_lora(copy.deepcopy(base), [plain, dora])
     with pytest.raises(ValueError, match="already has FusedCPLinear layers"):
-        from_lora([plain], from_lora([plain], copy.deepcopy(base)))
+        from_lora(from_lora(copy.deepcopy(base), [plain]), [plain])
     other = tiny_bert()
     other.encoder.layer[0].attention.self.query = torch.nn.Linear(16, 8).double()
     with pytest.raises(ValueError, match=r"layer 'encoder.layer.0.attention.self.query'.*\(16, 16\)"):
-        from_lora([plain], other)
+        from_lora(other, [plain])
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
-        from_lora([tmp_path], copy.deepcopy(base))
+        from_lora(copy.deepcopy(base), [tmp_path])
 
 
 def test_gpt2_conv1d_both_ways(tmp_path):
@@ -146,7 +146,7 @@ def test_gpt2_conv1d_both_ways(tmp_path):
     base = transformers.GPT2Model(cfg).double().eval()
     folders = [make_lora(base, tmp_path, f"t{i}", 20 + i, r=2, lora_alpha=3, target_modules=["c_attn", "c_proj"],
                          fan_in_fan_out=True) for i in range(2)]
-    model = from_lora(folders, copy.deepcopy(base))
+    model = from_lora(copy.deepcopy(base), folders)
     ids = inputs()
     expected = [peft_out(base, f, ids) for f in folders]
     task_ids = torch.tensor([1, 0, 0, 1, 1, 0])
@@ -175,3 +175,108 @@ def test_export_lora_refusals(tmp_path):
     cpkernels.merge(model, 0)
     with pytest.raises(ValueError, match=r"before exporting LoRA adapters"):
         export_lora(model, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# from_lora(model, folders): the order of from_pretrained(model, path) and PeftModel.from_pretrained
+# --------------------------------------------------------------------------------------------
+def test_from_lora_old_argument_order_warns_and_still_works(tmp_path):
+    base = tiny_bert()
+    folder = make_lora(base, tmp_path, "qa", 3, r=2, target_modules=["query"])
+    ids = inputs()
+    expected = ours(from_lora(copy.deepcopy(base), [folder]), ids, 0)
+    with pytest.warns(DeprecationWarning, match=r"from_lora\(folders, model\) is deprecated") as record:
+        old = from_lora([folder], copy.deepcopy(base))
+    # stacklevel: the warning names the caller's line, so filters on the caller's module apply to it
+    # (pyproject ignores DeprecationWarnings "from torch.*"; this one must not look like torch's).
+    assert [w.filename for w in record] == [__file__]
+    torch.testing.assert_close(ours(old, ids, 0), expected, atol=0, rtol=0)
+    with pytest.warns(DeprecationWarning):
+        from_lora(str(folder), copy.deepcopy(base))  # a single folder, old order
+    for bad in ((folder, folder), (base, copy.deepcopy(base)), ([folder], None), (None, [folder])):
+        with pytest.raises(TypeError, match=r"from_lora\(model, folders, task_names=None\) takes the plain base "
+                                            r"model \(an nn.Module\) and a list of PEFT LoRA folders"):
+            from_lora(*bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Heads (modules_to_save) round trip: export_lora writes them into every task folder
+# --------------------------------------------------------------------------------------------
+def quick_start_base():
+    """The README quick start's model: a layer to convert and a `classifier` head that trains in full."""
+    from collections import OrderedDict
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict(encoder=torch.nn.Linear(64, 128), act=torch.nn.GELU(),
+                                           classifier=torch.nn.Linear(128, 2)))
+
+
+def quick_start_trained():
+    """Converted as in the README, after one optimiser step: factors (C starts at 0) and head are non-trivial."""
+    config = CPConfig(rank=4, num_tasks=3, task_names=["cola", "sst2", "mrpc"], modules_to_save=["classifier"])
+    model = convert(quick_start_base(), config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    x, labels, tasks = torch.randn(32, 64, generator=g), torch.randint(0, 2, (32,), generator=g), \
+        torch.randint(0, 3, (32,), generator=g)
+    torch.nn.functional.cross_entropy(model(x, task_ids=tasks), labels).backward()
+    opt.step()
+    return model
+
+
+def test_export_lora_then_from_lora_round_trips_heads(tmp_path):
+    model = quick_start_trained()
+    base = quick_start_base()
+    assert not torch.equal(model.classifier.weight, base.classifier.weight)  # the head really trained
+    folders = export_lora(model, tmp_path)
+    back = from_lora(quick_start_base(), folders)
+    assert back.cpkernels_config.task_names == ["cola", "sst2", "mrpc"]
+    assert back.cpkernels_config.modules_to_save == ["classifier"]
+    for key, value in model.classifier.state_dict().items():  # heads are copied bit for bit
+        assert torch.equal(back.classifier.state_dict()[key], value)
+    assert back.classifier.weight.requires_grad and not back.encoder.weight.requires_grad  # it trains on, as before
+
+    # Not bitwise: export writes lora_A = diag(c_t)·Bᵀ (one float32 rounding per element) and moves s
+    # into C, so the sums round differently. Both are the same function, so flash-attention's rule
+    # against the float64 model holds: |back − ref64| ≤ 2·|model − ref64| + atol, where atol is one
+    # float32 ulp of the output's size (for elements where the original happens to be exact).
+    ref64 = copy.deepcopy(model).double()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for t in range(3):
+            want = ref64(x.double(), task_ids=t)
+            atol = torch.finfo(torch.float32).eps * want.abs().max().item()
+            err_back = (back(x, task_ids=t).double() - want).abs().max().item()
+            err_model = (model(x, task_ids=t).double() - want).abs().max().item()
+            assert err_back <= 2 * err_model + atol, (t, err_back, err_model)
+            # PEFT reads the same folders, head included, and computes the same function.
+            peft_model = _peft().PeftModel.from_pretrained(quick_start_base(), str(folders[t])).eval()
+            err_peft = (peft_model(x).double() - want).abs().max().item()
+            assert err_peft <= 2 * err_model + atol, (t, err_peft, err_model)
+    # And out again: the round trip closes (the head rides along once more).
+    again = export_lora(back, tmp_path / "again")
+    assert _peft().LoraConfig.from_pretrained(str(again[0])).modules_to_save == ["classifier"]
+
+
+def test_from_lora_refuses_heads_that_differ_between_folders(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    folders = export_lora(quick_start_trained(), tmp_path / "cp")
+    weights = folders[1] / "adapter_model.safetensors"
+    tensors = st.load_file(str(weights))
+    tensors["base_model.model.classifier.bias"] = tensors["base_model.model.classifier.bias"] + 1
+    st.save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"disagree on head 'classifier' \(modules_to_save\): \[.*cola'?, "
+                                         r".*mrpc'?\] vs \[.*sst2'?\]"):
+        from_lora(quick_start_base(), folders)
+
+    # A folder without the head runs with the base model's: that differs from a trained head...
+    torch.manual_seed(7)
+    plain = _peft().get_peft_model(quick_start_base(), _peft().LoraConfig(r=2, target_modules=["encoder"]))
+    plain.save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match=r"disagree on head 'classifier'.*plain \(the base model's 'classifier'"):
+        from_lora(quick_start_base(), [folders[0], tmp_path / "plain"])
+    # ...but equals an untrained one, which is then loaded (and stays trainable).
+    untrained = export_lora(convert(quick_start_base(), CPConfig(rank=2, num_tasks=1, task_names=["fresh"],
+                                                                 modules_to_save=["classifier"])), tmp_path / "u")
+    model = from_lora(quick_start_base(), [untrained[0], tmp_path / "plain"])
+    assert model.cpkernels_config.modules_to_save == ["classifier"]
+    assert torch.equal(model.classifier.weight, quick_start_base().classifier.weight)
