@@ -8,18 +8,57 @@ extension instead of the source tree beside bench/, which has none (issue 15: wi
 here the cpu column silently vanished). The modules import each other as `harness`, `shapes`,
 `report`; this file adds bench/ to sys.path itself so that `--import-mode=importlib` works too.
 
+`python -m pytest bench/` from the repository root is the other way in: `python -m` itself puts the
+working directory on sys.path. When that entry is the repository root, its cpkernels/ holds no compiled
+extension (a fresh clone) and an installed cpkernels exists elsewhere on sys.path, this file drops the
+entry before anything imports cpkernels, and the report header says so (issue 21). A source tree with
+an in-place build (`cpkernels/_C*.so`) stays in use, and so does a root put there on purpose with
+PYTHONPATH.
+
 After pytest-benchmark's own table (narrowed to median, IQR and rounds unless --benchmark-columns
 is given) it prints the ratio of every provider to F.linear from this same run, writes
 results.json, ratios.txt and ratios.png to --bench-out (default bench/out) and says where.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+
+
+def _resolved(entry: str) -> Path | None:
+    try:
+        return Path(entry or os.getcwd()).resolve()  # '' is the working directory
+    except OSError:
+        return None
+
+
+def _unshadow_installed_cpkernels() -> str | None:
+    """Drop the repository root from sys.path when its extension-less source tree would hide an installed
+    cpkernels; return the note for the report header (None when nothing was changed)."""
+    source = REPO / "cpkernels"
+    if not (source / "__init__.py").is_file() or any(source.glob("_C*")):
+        return None  # not a checkout, or an in-place build: the source tree is the one to time
+    deliberate = {_resolved(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    shadowing = [p for p in sys.path if _resolved(p) == REPO and REPO not in deliberate]
+    if not shadowing or "cpkernels" in sys.modules:
+        return None  # not on the path (the `pytest` command), or already imported: nothing to fix here
+    rest = [p for p in sys.path if p not in shadowing]
+    spec = importlib.machinery.PathFinder.find_spec("cpkernels", rest)
+    if spec is None or not spec.origin:
+        return None  # only the source tree has cpkernels: keep it (the header then says why no C++ column)
+    sys.path[:] = rest
+    return (f"note: `python -m` put the repository root {REPO} on sys.path, and its cpkernels/ has no compiled "
+            f"extension; removed it so that the installed cpkernels is timed (build in place to time the tree)")
+
+
+UNSHADOW_NOTE = _unshadow_installed_cpkernels()
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
@@ -54,6 +93,8 @@ def installed_kernels_line() -> str:
     device = harness.bench_device()
     line = f"cpkernels: {Path(cpkernels.__file__).parent} | backends on {device.type}: " \
            f"{', '.join(cpkernels.available_backends(device.type))}"
+    if UNSHADOW_NOTE:
+        line += f"\n  {UNSHADOW_NOTE}"
     if cpkernels._ext.LOAD_ERROR:
         line += f"\n  NO cpkernels C++ COLUMN: {cpkernels._ext.LOAD_ERROR}"
     return line

@@ -1,22 +1,13 @@
-"""LoRA interop against PEFT itself, in float64: export_lora folders load in _peft().PeftModel and match
+"""LoRA interop against PEFT itself, in float64: export_lora folders load in peft.PeftModel and match
 our output; from_lora turns several PEFT LoRA adapters into one CP layer set that matches each of them,
 in one mixed batch."""
 import copy
-import importlib.util
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
-
-
-def _peft():
-    """peft, imported when a test runs: imported at collection, it imports triton (through
-    torch._inductor) before test_triton.py sets TRITON_INTERPRET=1, and the interpreter tests fail."""
-    import peft
-    return peft
-
+peft = pytest.importorskip("peft")
 import cpkernels  # noqa: E402
 from cpkernels import CPConfig, convert, export_lora, from_lora, save_adapters  # noqa: E402
 from cpkernels.convert import cp_layers  # noqa: E402
@@ -37,7 +28,7 @@ def inputs(batch=6, seq=5):
 
 
 def peft_out(base, folder, ids):
-    model = _peft().PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
     with torch.no_grad():
         return model(input_ids=ids).last_hidden_state
 
@@ -64,7 +55,7 @@ def test_export_lora_loads_in_peft_and_matches(tmp_path):
 
     folders = export_lora(model, tmp_path, tasks=["a", 2])
     assert [f.name for f in folders] == ["a", "c"]
-    config = _peft().LoraConfig.from_pretrained(str(folders[0]))
+    config = peft.LoraConfig.from_pretrained(str(folders[0]))
     assert config.r == 3 and config.lora_alpha == 1.5 and "pooler" not in config.target_modules
     ids = inputs()
     base_out = peft_out(base, folders[0], ids)  # noqa: F841 (loads without error)
@@ -79,7 +70,7 @@ def test_export_lora_loads_in_peft_and_matches(tmp_path):
 
 def make_lora(base, tmp_path, name, seed, **kw):
     torch.manual_seed(seed)
-    lora = _peft().get_peft_model(copy.deepcopy(base), _peft().LoraConfig(init_lora_weights=False, **kw))
+    lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **kw))
     with torch.no_grad():  # PEFT's init_lora_weights=False draws small values; make the update visible
         for n, p in lora.named_parameters():
             if "lora_" in n:
@@ -154,7 +145,7 @@ def test_gpt2_conv1d_both_ways(tmp_path):
     for row, t in enumerate(task_ids.tolist()):
         torch.testing.assert_close(mixed[row], expected[t][row], atol=ATOL, rtol=0)
     back = export_lora(model, tmp_path / "back")
-    assert _peft().LoraConfig.from_pretrained(str(back[0])).fan_in_fan_out
+    assert peft.LoraConfig.from_pretrained(str(back[0])).fan_in_fan_out
     for folder, want in zip(back, expected):
         torch.testing.assert_close(peft_out(base, folder, ids), want, atol=ATOL, rtol=0)
 

@@ -340,6 +340,80 @@ def test_cli_exit_code_and_message(workspace, tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
+def test_help_names_the_real_defaults():
+    """--help shows each option's default as the parser holds it, and the trainer's defaults are the CLI's."""
+    import argparse
+    import dataclasses
+    import re
+
+    from cpkernels.train.cli import build_parser
+    from cpkernels.train.loop import TrainConfig
+
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())  # argparse wraps lines anywhere
+    shown = [a for a in parser._actions if a.option_strings and a.default != []  # None/False/[]: "not given"
+             and not any(a.default is v for v in (None, False, argparse.SUPPRESS))]
+    assert len(shown) >= 25
+    for action in shown:
+        assert f"{action.help} (default: {action.default})" in text, action.option_strings
+    for name in ("rank", "batch_size", "lr", "pooling", "save_steps", "output_dir"):
+        assert any(a.dest == name for a in shown)
+    # No help text restates a number as its default by hand (one went stale once: eval's --lasso).
+    assert not re.search(r"\(default:? ?-?\d", " ".join(a.help or "" for a in parser._actions))
+    dests = {a.dest: a.default for a in parser._actions}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in dests and field.default is not dataclasses.MISSING:
+            assert dests[field.name] == field.default, field.name
+
+
+def _readme_block(marker: str) -> str:
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def test_readme_inference_snippet_loads_a_trained_run(e2e, workspace, monkeypatch, tmp_path):
+    """The README's load_trained snippet, run as written on a finished run, gives back the run's own scores."""
+    from cpkernels.train import load_trained
+    from cpkernels.train.data import load_task, resolve_tasks, tokenize_split
+    from cpkernels.train.loop import evaluate
+
+    out, results = e2e
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cpkernels-run").symlink_to(out)  # the snippet names the default --output-dir
+    scope = {}
+    exec(compile(_readme_block("load_trained"), "README.md inference", "exec"), scope)
+    model, tokenizer, predictions = scope["model"], scope["tokenizer"], scope["predictions"]
+    assert not model.training and model.task_names == ["cola", "sst2", "stsb"]
+    assert predictions.shape == (2,) and set(predictions.tolist()) <= {0.0, 1.0}
+    # Loaded, the model scores on every dev split exactly what the run reported at its end.
+    loaded = [load_task(t, workspace / "glue", workspace / "cache") for t in resolve_tasks("cola,sst2,stsb")]
+    tasks = [t for t, _ in loaded]
+    eval_sets = {t.name: {s: tokenize_split(splits[s], tokenizer, 128) for s in t.eval_splits} for t, splits in loaded}
+    metrics = evaluate(model, tasks, eval_sets, tokenizer.pad_token_id, 128, "cpu")
+    for task, per in results["metrics"].items():
+        for split, values in per.items():
+            assert metrics[task][split] == pytest.approx(values, abs=1e-6), (task, split)
+
+
+def test_load_trained_explains_what_is_missing(e2e, tmp_path):
+    from cpkernels.train import load_trained
+
+    out, _ = e2e
+    with pytest.raises(FileNotFoundError, match="not a finished cpkernels-train run.*heads.safetensors"):
+        load_trained(tmp_path)
+    run_copy = tmp_path / "run"
+    shutil.copytree(out, run_copy)
+    (run_copy / "results.json").unlink()  # a checkpoint directory looks like this
+    with pytest.raises(FileNotFoundError, match="pass model="):
+        load_trained(run_copy)
+    results = json.loads((out / "results.json").read_text())
+    model, _ = load_trained(run_copy, model=results["model"])
+    assert model.task_names == ["cola", "sst2", "stsb"]
+
+
 # --------------------------------------------------------------------------------------------
 # DDP: two processes on gloo equal one process with the same global batch
 # --------------------------------------------------------------------------------------------

