@@ -240,12 +240,12 @@ def test_export_lora_then_from_lora_round_trips_heads(tmp_path):
             err_model = (model(x, task_ids=t).double() - want).abs().max().item()
             assert err_back <= 2 * err_model + atol, (t, err_back, err_model)
             # PEFT reads the same folders, head included, and computes the same function.
-            peft_model = _peft().PeftModel.from_pretrained(quick_start_base(), str(folders[t])).eval()
+            peft_model = peft.PeftModel.from_pretrained(quick_start_base(), str(folders[t])).eval()
             err_peft = (peft_model(x).double() - want).abs().max().item()
             assert err_peft <= 2 * err_model + atol, (t, err_peft, err_model)
     # And out again: the round trip closes (the head rides along once more).
     again = export_lora(back, tmp_path / "again")
-    assert _peft().LoraConfig.from_pretrained(str(again[0])).modules_to_save == ["classifier"]
+    assert peft.LoraConfig.from_pretrained(str(again[0])).modules_to_save == ["classifier"]
 
 
 def test_from_lora_refuses_heads_that_differ_between_folders(tmp_path):
@@ -261,7 +261,7 @@ def test_from_lora_refuses_heads_that_differ_between_folders(tmp_path):
 
     # A folder without the head runs with the base model's: that differs from a trained head...
     torch.manual_seed(7)
-    plain = _peft().get_peft_model(quick_start_base(), _peft().LoraConfig(r=2, target_modules=["encoder"]))
+    plain = peft.get_peft_model(quick_start_base(), peft.LoraConfig(r=2, target_modules=["encoder"]))
     plain.save_pretrained(str(tmp_path / "plain"))
     with pytest.raises(ValueError, match=r"disagree on head 'classifier'.*plain \(the base model's 'classifier'"):
         from_lora(quick_start_base(), [folders[0], tmp_path / "plain"])
