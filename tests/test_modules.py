@@ -243,3 +243,9 @@ def test_cuda_graph_capture():
         torch.cuda.synchronize()
         with torch.no_grad():
             torch.testing.assert_close(y, layer(x, task_ids=ids))
+
+
+def test_forward_has_its_own_docstring():
+    """help(layer.forward) showed nn.Module's boilerplate ("Define the computation performed at every call")."""
+    doc = FusedCPLinear.forward.__doc__ or ""
+    assert doc != (torch.nn.Module.forward.__doc__ or "") and "task_ids" in doc and "task_context" in doc
