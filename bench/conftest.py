@@ -65,11 +65,13 @@ if str(BENCH_DIR) not in sys.path:
 import cpkernels  # noqa: E402
 
 import harness  # noqa: E402
+import host  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
 
 _RECORDS = pytest.StashKey[list]()
 _MODEL_RECORDS = pytest.StashKey[list]()
+_HOST_TIMES = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser):
@@ -81,6 +83,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.stash[_RECORDS] = []
     config.stash[_MODEL_RECORDS] = []
+    config.stash[_HOST_TIMES] = {}
     args = " ".join(config.invocation_params.args)
     if getattr(config.option, "benchmark_columns", "absent") is None and "--benchmark-columns" not in args:
         config.option.benchmark_columns = ["median", "iqr", "rounds"]  # the full default is 230 columns wide
@@ -116,8 +119,20 @@ def record_model_result(request):
     return request.config.stash[_MODEL_RECORDS].append
 
 
+@pytest.fixture
+def record_host_time(request):
+    """Record µs per call of one provider of one bench/host.py row: record(row, provider, us)."""
+    times = request.config.stash[_HOST_TIMES]
+    return lambda row, provider, us: times.setdefault(row, {}).__setitem__(provider, us)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
+    host_times = config.stash.get(_HOST_TIMES, {})
+    if host_times:
+        records = [host.record(row, host_times.get(row)) for row, _, _ in host.ROWS if row in host_times]
+        terminalreporter.write_sep("=", "host cost, decode and generate() (bench/host.py rows), medians from this run")
+        terminalreporter.write_line(host.ratio_table({"records": records}))
     model_records = config.stash.get(_MODEL_RECORDS, [])
     if model_records:
         data = {"environment": harness.environment(harness.bench_device()), "records": model_records}

@@ -152,43 +152,55 @@ def _interleaved_us(steps: dict, per_step: int, budget_s: float, device: torch.d
     return {name: 1e6 * statistics.median(v) for name, v in samples.items()}
 
 
-def measure(mode: str = "full", device: torch.device | None = None, log=print) -> dict:
-    """Every row, as records {row, candidate, baseline, us, base_us, ratio, target, skipped}."""
-    device = device or harness.bench_device()
-    budget = BUDGET_S[mode]
-    records = []
+#: (row, candidate, baseline) in the order they are measured and shown.
+ROWS = (("host/inference", "cp_linear", "F.linear"), ("host/no_grad", "cp_linear", "F.linear"),
+        ("host/grad", "cp_linear", "F.linear"), ("decode/op", "cp_linear", "F.linear"),
+        ("decode/module", "FusedCPLinear", "nn.Linear"), ("generate/token", "converted", "plain"))
 
-    def record(row, cand, base, times=None, skipped=None, note=""):
-        rec = dict(row=row, candidate=cand, baseline=base, us=None, base_us=None, ratio=None,
-                   target=TARGETS[row], skipped=skipped, note=note)
-        if times:
-            rec.update(us=times[cand], base_us=times[base], ratio=times[cand] / times[base])
-            log(f"   {row:<16} {cand} {rec['us']:.2f} µs, {base} {rec['base_us']:.2f} µs: {rec['ratio']:.2f}x")
-        else:
-            log(f"   {row:<16} not measured: {skipped}")
-        records.append(rec)
 
-    log(f"== host cost per call: M = {TINY['M']}, {TINY['d_in']} -> {TINY['d_out']}, r = {TINY['r']}")
-    for m in ("inference", "no_grad", "grad"):
-        steps, n = op_steps(m, TINY, device, owned=False)
-        record(f"host/{m}", "cp_linear", "F.linear", _interleaved_us(steps, n, budget, device))
-    log(f"== decode: M = {DECODE['M']}, {DECODE['d_in']} -> {DECODE['d_out']}, r = {DECODE['r']}, "
-        f"T = {DECODE['T']}, inference mode, owned ids")
-    steps, n = op_steps("inference", DECODE, device, owned=True)
-    record("decode/op", "cp_linear", "F.linear", _interleaved_us(steps, n, budget, device))
-    steps, n = module_steps(DECODE, device)
-    record("decode/module", "FusedCPLinear", "nn.Linear", _interleaved_us(steps, n, budget, device))
-    s = GENERATE
-    log(f"== generate(): LLaMA {s['layers']} layers, hidden {s['hidden']}, batch {s['batch']} (4 tasks), "
-        f"{s['new_tokens']} greedy tokens")
-    steps, why = generate_steps(device)
-    if steps is None:
-        record("generate/token", "converted", "plain", skipped=why)
+def row_steps(row: str, device: torch.device):
+    """({provider: step}, calls per step, why not) for one row; steps is None when it cannot run here."""
+    if row.startswith("host/"):
+        steps, n = op_steps(row.split("/")[1], TINY, device, owned=False)
+    elif row == "decode/op":
+        steps, n = op_steps("inference", DECODE, device, owned=True)
+    elif row == "decode/module":
+        steps, n = module_steps(DECODE, device)
+    elif row == "generate/token":
+        # generate() runs one prompt pass and new_tokens - 1 decode steps; dividing by new_tokens gives
+        # "per token" figures, and the same divisor on both sides leaves the ratio as measured.
+        steps, why = generate_steps(device)
+        return steps, GENERATE["new_tokens"], why
     else:
-        # Per token: generate() runs one prompt pass and new_tokens - 1 decode steps; the ratio is what
-        # matters, and dividing both by new_tokens keeps the µs readable as "per token".
-        record("generate/token", "converted", "plain",
-               _interleaved_us(steps, s["new_tokens"], 4 * budget, device))
+        raise ValueError(f"row must be one of {[r for r, _, _ in ROWS]}, got {row!r}")
+    return steps, n, None
+
+
+def record(row: str, times: dict | None = None, skipped: str | None = None) -> dict:
+    """One row's result: µs per call of candidate and baseline (or why not measured), ratio and target."""
+    _, cand, base = next(r for r in ROWS if r[0] == row)
+    rec = dict(row=row, candidate=cand, baseline=base, us=None, base_us=None, ratio=None, target=TARGETS[row],
+               skipped=skipped)
+    if times and cand in times and base in times:
+        rec.update(us=times[cand], base_us=times[base], ratio=times[cand] / times[base])
+    return rec
+
+
+def measure(mode: str = "full", device: torch.device | None = None, log=print) -> dict:
+    """Every row, each with its candidate and baseline interleaved; records as `record` makes them."""
+    device = device or harness.bench_device()
+    records = []
+    log(f"== host cost per call (M = {TINY['M']}, {TINY['d_in']} -> {TINY['d_out']}, r = {TINY['r']}); decode "
+        f"(M = {DECODE['M']}, {DECODE['d_in']} -> {DECODE['d_out']}, r = {DECODE['r']}, T = {DECODE['T']}, owned "
+        f"ids, inference mode); generate() (LLaMA, {GENERATE['layers']} layers, hidden {GENERATE['hidden']}, "
+        f"batch {GENERATE['batch']} with 4 tasks, {GENERATE['new_tokens']} greedy tokens)")
+    for row, _, _ in ROWS:
+        steps, n, why = row_steps(row, device)
+        budget = BUDGET_S[mode] * (4 if row.startswith("generate") else 1)
+        rec = record(row, _interleaved_us(steps, n, budget, device) if steps else None, why)
+        records.append(rec)
+        log(f"   {row:<16} " + (f"{rec['candidate']} {rec['us']:.2f} µs, {rec['baseline']} {rec['base_us']:.2f} µs: "
+                                f"{rec['ratio']:.2f}x" if rec["ratio"] else f"not measured: {why}"))
     return {"environment": harness.environment(device), "mode": mode, "records": records,
             "method": "median of round-robin interleaved timed loops (perf_counter"
                       + (", synchronised" if device.type == "cuda" else "") + "), µs per call"}

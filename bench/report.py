@@ -5,7 +5,8 @@
 
 Writes DIR/results.json (after every case, so a run cut short still leaves data), ratios.png
 (bar chart, log scale, line at 1.0, targets marked), results.md (the tables with ✔/✘, ready
-for bench/RESULTS.md) and ratios.txt; prints the short ratio table last.
+for bench/RESULTS.md) and ratios.txt; prints the short ratio table last. The host-cost, decode and
+generate() rows of bench/host.py (issue 19) run after the op cases and close the table (--no-host: skip).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 # root) on sys.path, so `cpkernels` is the installed package with its compiled extension, not the
 # source tree next to it. (Set PYTHONPATH=. to measure an in-place build of the checkout.)
 import harness
+import host
 import shapes
 from harness import FUSED, PASSES, PROVIDERS
 
@@ -107,6 +109,10 @@ def measure(args, out: Path) -> dict:
         del sets, steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        _write_json(data, out)
+    if not getattr(args, "no_host", False):
+        print("", flush=True)
+        data["host"] = host.measure("quick" if args.quick else "full", device)
         _write_json(data, out)
     if device.type == "cpu":
         data["environment"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
@@ -290,7 +296,10 @@ def short_table(data: dict, markdown=False) -> str:
     mixed = mixed_single_table(records, markdown)
     if mixed:
         parts += [f"{h}mixed-task batch ÷ single-task batch (target ≤ {shapes.MIXED_OVER_SINGLE_MAX})", mixed, ""]
-    notes = "✔/✘: ratio ≤ the row's target (bench/shapes.py)"
+    if data.get("host"):
+        parts += [f"{h}host cost per call, decode and generate(): candidate ÷ baseline, same run (bench/host.py)",
+                  host.ratio_table(data["host"], markdown), ""]
+    notes = "✔/✘: ratio ≤ the row's target (bench/shapes.py, bench/host.py)"
     if device_type == "cuda":
         notes += "; triton also faster than compiled-reference, cuda than reference; fused peak memory ≤ reference's"
     parts.append(notes)
@@ -392,6 +401,8 @@ def main(argv=None) -> int:
                                              f"(default: each shape's own)")
     ap.add_argument("--providers", type=_csv, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     ap.add_argument("--from-json", help="re-render tables and chart from a results.json instead of measuring")
+    ap.add_argument("--no-host", action="store_true", help="skip the host-cost, decode and generate() rows "
+                                                           "(bench/host.py)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 steadies the "
                                                 "ratios on a CPU that other work shares")
     args = ap.parse_args(argv)

@@ -225,8 +225,9 @@ std::optional<Prepared> prepare_impl(const at::Tensor& x, const at::Tensor& weig
     if (lo < -1 || hi >= T) return std::nullopt;
   }
   const at::ScalarType dt = x.scalar_type();
-  return Prepared{x.reshape({rows_n, d_in}), has_bias ? bias->contiguous() : at::Tensor(), A.to(dt), B.to(dt),
-                  C.to(dt), flat};
+  auto in_dt = [dt](const at::Tensor& f) { return f.scalar_type() == dt ? f : f.to(dt); };  // no dispatch if equal
+  return Prepared{x.reshape({rows_n, d_in}), has_bias ? bias->contiguous() : at::Tensor(), in_dt(A), in_dt(B),
+                  in_dt(C), flat};
 }
 
 // y for cp_linear on the cpu or cuda backend, or None when ops.py must take the call.
