@@ -196,3 +196,14 @@ def test_autotune_key_holds_precision_and_bias():
     """tf32 and ieee (or with and without bias) must not share a tuned config: different kernels."""
     for tuned in forward._TUNED.values():
         assert {"PRECISION", "HAS_BIAS", "SHRINK_PASS", "R_BLOCK", "M_BUCKET"} <= set(tuned.keys)
+
+
+def test_host_integer_helpers_match_triton():
+    """common.cdiv / next_power_of_2 replace triton's constexpr functions on the host (2-4 µs a call there):
+    they must give the same grids and blocks."""
+    import triton
+
+    from cpkernels._triton.common import cdiv, next_power_of_2
+
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 5000))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import forward
-from .common import (check_dtype, is_interpreted, launch, precision, rank_blocks, target_arch, uses_cublas,
+from .common import (cdiv, check_dtype, is_interpreted, launch, precision, rank_blocks, target_arch, uses_cublas,
                      vector_aligned)
 
 
@@ -202,8 +202,8 @@ def _reduce_config(x, grad_y) -> tuple[int, int, int, int, int]:
 
 def _rows_per_split(M: int, r: int, block_m: int) -> int:
     r_pad, _ = rank_blocks(r)
-    n_split = min(triton.cdiv(M, max(_MIN_SPLIT_ROWS, _ROWS_PER_RANK * r_pad)), _MAX_SPLITS)
-    return triton.cdiv(triton.cdiv(M, n_split), block_m) * block_m  # equal ranges, whole row blocks
+    n_split = min(cdiv(M, max(_MIN_SPLIT_ROWS, _ROWS_PER_RANK * r_pad)), _MAX_SPLITS)
+    return cdiv(cdiv(M, n_split), block_m) * block_m  # equal ranges, whole row blocks
 
 
 def _cublas_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, need):
@@ -261,7 +261,7 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
     block_m, block_d, block_t, stages, warps = _reduce_config(x, grad_y)
     _, r_block = rank_blocks(r)
     rows = _rows_per_split(M, r, block_m)
-    n_split = triton.cdiv(M, rows)
+    n_split = cdiv(M, rows)
     ws = lambda *shape: torch.empty(n_split, *shape, dtype=torch.float32, device=x.device)  # noqa: E731
     ws_a = ws(d_out, r) if (need_dA or need_db) else None
     ws_bias = ws(d_out) if need_db else None
@@ -271,9 +271,9 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
     spare = next(w for w in (ws_a, ws_b, ws_c) if w is not None)
     ws_a, ws_bias, ws_b, ws_c = (w if w is not None else spare for w in (ws_a, ws_bias, ws_b, ws_c))
     g_arg = g if g is not None else spare
-    nb_a = triton.cdiv(d_out, block_d) if (need_dA or need_db) else 0
-    nb_b = triton.cdiv(d_in, block_d) if need_dB else 0
-    nb_c = triton.cdiv(T, block_t) if need_dC else 0
+    nb_a = cdiv(d_out, block_d) if (need_dA or need_db) else 0
+    nb_b = cdiv(d_in, block_d) if need_dB else 0
+    nb_c = cdiv(T, block_t) if need_dC else 0
     if nb_a + nb_b + nb_c > 0:
         launch(_reduce_over_rows_kernel, (nb_a + nb_b + nb_c, n_split), (
             grad_y, x, u, g_arg, C, task_ids, ws_a, ws_bias, ws_b, ws_c,
@@ -284,7 +284,7 @@ def cp_linear_bwd(grad_y, x, weight, A, B, C, task_ids, u, scale: float, output_
                 BLOCK_D=block_d, BLOCK_T=block_t, num_warps=warps, num_stages=stages))
 
     sizes = [t.numel() for t in (dA, db, dB, dC)]
-    n_blocks = sum(triton.cdiv(n, _SUM_BLOCK) for n in sizes)
+    n_blocks = sum(cdiv(n, _SUM_BLOCK) for n in sizes)
     if n_blocks > 0:
         outs = [t if t.numel() else spare for t in (dA, db, dB, dC)]  # n = 0 makes the pointer unused
         launch(_sum_splits_kernel, (n_blocks,), (

@@ -54,8 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (check_dtype, config, current_smem_limit, gemm_smem_bytes, is_interpreted, launch, launch_tuned,
-                     precision, rank_blocks, target_arch, tune_key, uses_cublas, vector_aligned)
+from .common import (cdiv, check_dtype, config, current_smem_limit, gemm_smem_bytes, is_interpreted, launch, launch_tuned,
+                     next_power_of_2, precision, rank_blocks, target_arch, tune_key, uses_cublas, vector_aligned)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -505,7 +505,7 @@ def shrink(a: torch.Tensor, p: torch.Tensor, proj: torch.Tensor) -> None:
         block_m, block_k, stages = 32, 32, 1
     else:
         block_m, block_k, stages = 32, 128 // (a.element_size() // 2), 4
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, r_block))
+    grid = (cdiv(M, block_m), cdiv(R, r_block))
     launch(_shrink_kernel, grid, (
         a, p, proj, M, K, R,
         a.stride(0), a.stride(1), p.stride(0), p.stride(1), proj.stride(0), proj.stride(1),
@@ -569,7 +569,7 @@ def _launch_tma(a, w, out, w_is_nk: bool, args_tail: tuple, meta: dict) -> None:
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bm, bk])
     w_desc = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [bn, bk] if w_is_nk else [bk, bn])
     out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [bm, bn])
-    programs = min(_sm_count(a), triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    programs = min(_sm_count(a), cdiv(M, bm) * cdiv(N, bn))
     launch(_tma_gemm_kernel, (programs,), (a_desc, w_desc, out_desc, *args_tail[:12], programs, *args_tail[12:]),
            {**meta, "W_IS_NK": w_is_nk, **cfg.all_kwargs()})
 
@@ -593,8 +593,8 @@ def _sm_count(t: torch.Tensor) -> int:
 
 def _split_count(M: int, N: int, K: int, sms: int, block_m: int) -> int:
     """How many K splits fill the GPU: 1 when the column tiles already do, or K is too short."""
-    tiles = triton.cdiv(N, _SPLITK_BLOCK_N) * triton.cdiv(M, block_m)
-    want = triton.cdiv(_SPLITK_PROGRAMS_PER_SM * sms, tiles)
+    tiles = cdiv(N, _SPLITK_BLOCK_N) * cdiv(M, block_m)
+    want = cdiv(_SPLITK_PROGRAMS_PER_SM * sms, tiles)
     return max(1, min(want, K // _SPLITK_MIN_K))
 
 
@@ -603,21 +603,21 @@ def _launch_splitk(a, w, p, out, proj, n_split: int, args_epilogue: tuple, meta:
     N = w.shape[1]
     R = p.shape[1]
     interpreted = is_interpreted(a)
-    block_m = 32 if interpreted else max(16, triton.next_power_of_2(M))
+    block_m = 32 if interpreted else max(16, next_power_of_2(M))
     block_n = 32 if interpreted else _SPLITK_BLOCK_N
     block_k = 32 if interpreted else 256 // a.element_size()
-    k_per_split = triton.cdiv(triton.cdiv(K, n_split), block_k) * block_k
-    n_split = triton.cdiv(K, k_per_split)  # after rounding to whole K steps
+    k_per_split = cdiv(cdiv(K, n_split), block_k) * block_k
+    n_split = cdiv(K, k_per_split)  # after rounding to whole K steps
     ws = torch.empty(n_split, M, N, dtype=torch.float32, device=a.device)
     ws_proj = torch.empty(n_split, M, R if not meta["SHRINK_PASS"] else 1, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(N, block_n), n_split, triton.cdiv(M, block_m))
+    grid = (cdiv(N, block_n), n_split, cdiv(M, block_m))
     launch(_splitk_partial_kernel, grid, (
         a, w, p, ws, ws_proj, M, N, K, R, k_per_split,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1),
     ), dict(SHRINK_PASS=meta["SHRINK_PASS"], PRECISION=meta["PRECISION"], R_BLOCK=meta["R_BLOCK"],
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=1 if interpreted else 4))
     q, C, task_ids, bias, scale = args_epilogue
-    launch(_splitk_epilogue_kernel, (triton.cdiv(N, block_n), triton.cdiv(M, block_m)), (
+    launch(_splitk_epilogue_kernel, (cdiv(N, block_n), cdiv(M, block_m)), (
         ws, ws_proj, q, C, task_ids, bias if bias is not None else out, out, proj,
         M, N, R, C.shape[0], scale, n_split,
         q.stride(0), q.stride(1), C.stride(0), C.stride(1), task_ids.stride(0),
@@ -657,7 +657,7 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         C.stride(0), C.stride(1), task_ids.stride(0), bias.stride(0) if bias is not None else 0,
         out.stride(0), out.stride(1), proj.stride(0), proj.stride(1),
-        max(16, min(triton.next_power_of_2(M), _M_BUCKET_MAX)),
+        max(16, min(next_power_of_2(M), _M_BUCKET_MAX)),
     )
     meta = dict(HAS_BIAS=bias is not None, SHRINK_PASS=shrink_pass, PRECISION=precision(a.dtype), R_BLOCK=r_block)
     if tma or (tma is None and _wants_tma(a, w, out, M)):
@@ -675,13 +675,13 @@ def lowrank_gemm(a, w, p, q, C, task_ids, bias, out, proj, scale: float, shrink_
     if split_k is None:
         split_k = 1
         if M <= _SMALL_M and not is_interpreted(a):
-            split_k = _split_count(M, N, K, _sm_count(a), max(16, triton.next_power_of_2(M)))
+            split_k = _split_count(M, N, K, _sm_count(a), max(16, next_power_of_2(M)))
     if split_k > 1:
         _launch_splitk(a, w, p, out, proj, split_k, (q, C, task_ids, bias, scale), meta)
         return
 
     def grid_of(cfg):
-        return triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        return cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
 
     if is_interpreted(a):
         cfg = _INTERPRETER_CONFIG
