@@ -325,3 +325,19 @@ def environment(device: torch.device) -> dict:
         env["device"] = f"{_cpu_name()}, {env['cpu_cores']} cores, {env['torch_threads']} torch threads"
         env["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return env
+
+
+def write_run(out: Path, name: str, data: dict, table: str, started: float) -> None:
+    """Write OUT/NAME.json (atomically) and OUT/NAME.txt, then print the run's header and its table last."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, out / f"{name}.json")  # a reader never sees a half-written file
+    (out / f"{name}.txt").write_text(table + "\n")
+    env = data["environment"]
+    print(f"\ndevice: {env['device']} | torch {env['torch']} | peft {env['peft']} | commit {env['commit']} | "
+          f"{env['date']}\nmethod: {data['method']}\nwrote {out / (name + '.json')}, {out / (name + '.txt')} "
+          f"({time.perf_counter() - started:.0f} s)\n")
+    print(table)

@@ -18,7 +18,6 @@ what a launch-bound decode loop sees.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -235,18 +234,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     data = measure("quick" if args.quick else "full")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "host.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out / "host.json")
-    table = ratio_table(data)
-    (out / "host.txt").write_text(table + "\n")
-    env = data["environment"]
-    print(f"\ndevice: {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}\n"
-          f"method: {data['method']}\nwrote {out / 'host.json'}, {out / 'host.txt'} "
-          f"({time.perf_counter() - t0:.0f} s)\n")
-    print(table)
+    harness.write_run(Path(args.out), "host", data, ratio_table(data), t0)
     return 0
 
 

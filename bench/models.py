@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -312,18 +311,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     data = measure(models, "quick" if args.quick else "full")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = ratio_table(data)
-    tmp = out / "models.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out / "models.json")
-    (out / "models.txt").write_text(table + "\n")
-    env = data["environment"]
-    print(f"\ndevice: {env['device']} | torch {env['torch']} | peft {env['peft']} | commit {env['commit']} | "
-          f"{env['date']}\nmethod: {data['method']}\nwrote {out / 'models.json'}, {out / 'models.txt'} "
-          f"({time.perf_counter() - t0:.0f} s)\n")
-    print(table)
+    harness.write_run(Path(args.out), "models", data, ratio_table(data), t0)
     return 0
 
 

@@ -1,8 +1,8 @@
 // The one place where the cpkernels operator schemas are defined.
 //
 // Each backend file registers kernels for these schemas (csrc/cpu for the CPU dispatch key,
-// csrc/cuda for CUDA). Fake (meta) kernels and autograd are registered from Python, in
-// cpkernels/ops.py, which is the single source of truth for the op contract.
+// csrc/cuda for CUDA). Fake (meta) kernels are registered from Python, in cpkernels/ops.py, which is
+// the single source of truth for the op contract; the autograd of cp_linear_fwd is C++ (host.cpp).
 #include <torch/library.h>
 
 // The Python module `cpkernels._C` (its init function and the eager host path) is defined in host.cpp.
