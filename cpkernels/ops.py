@@ -468,7 +468,8 @@ def cp_linear(x, weight, bias, A, B, C, task_ids, scale=1.0, *, backend=None):
     Returns:
         A (*, d_out) tensor in x's dtype.
     """
-    if (_ext._C is not None and type(task_ids) is torch.Tensor and isinstance(x, torch.Tensor)
+    # Plain tensors only: a subclass of x may override __torch_function__, which the C++ path would skip.
+    if (_ext._C is not None and type(task_ids) is torch.Tensor and type(x) is torch.Tensor
             and (type(scale) is float or type(scale) is int)):
         y = _fast(x, weight, bias, A, B, C, task_ids, scale, backend)
         if y is not None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import numpy as np
 
+import cpkernels
 from cpkernels import cp_linear, cp_linear_reference
 from cpkernels.testing import make_inputs
 
@@ -247,3 +248,56 @@ def test_source_tree_without_extension_warns_once(tmp_path):
     assert count == "1"
     assert "slow einsum reference" in message and "no compiled extension" in message
     assert "build_ext --inplace" in message
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+@pytest.mark.parametrize("form", ["row", "sample", "owned"])
+def test_valid_eager_calls_take_the_cpp_host_path(monkeypatch, mode, form):
+    """The C++ host path (csrc/host.cpp) must serve valid eager calls: if it silently declined them, every
+    result would still be right (the Python path computes the same) and only the speed would be lost.
+    So the Python checks are made to fail here, and a valid call must not reach them; an invalid call
+    must still reach them and raise the error that names the argument."""
+    import cpkernels.ops as ops
+    from cpkernels import task_ids as tid
+
+    inp = make_inputs(0, 6, 4, 3, 3, per_sample_shape=(5, 2), requires_grad=mode == "grad")
+    assert inp["task_ids"].shape == (5,)  # one task per sample
+    if form == "row":
+        inp["task_ids"] = torch.tensor([[0, 2], [-1, 1], [2, 2], [1, 0], [0, -1]])
+    elif form == "owned":
+        inp["task_ids"] = tid.own(inp["task_ids"])
+    want = cp_linear_reference(**inp, scale=0.5)
+    real = ops._check_inputs
+
+    def refuse(*a, **kw):
+        raise AssertionError("the Python path ran")
+
+    monkeypatch.setattr(ops, "_check_inputs", refuse)
+    ctx = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+    with ctx():
+        y = cp_linear(**inp, scale=0.5)
+    torch.testing.assert_close(y, want)
+    if mode == "grad":
+        assert y.grad_fn is not None
+        torch.autograd.grad(y.sum(), [inp["x"], inp["A"], inp["B"], inp["C"]])
+    monkeypatch.setattr(ops, "_check_inputs", real)
+    bad = dict(inp, task_ids=torch.full_like(inp["task_ids"], 3)) if form != "owned" else dict(inp, task_ids=7)
+    with pytest.raises(IndexError, match="num_tasks=3"):
+        cp_linear(**bad, scale=0.5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_triton_eager_calls_are_prepared_in_cpp(monkeypatch, grad):
+    """The same for the Triton backend (interpreter on CPU tensors): C++ prepares its inputs; with nothing
+    to record the launcher is called directly, with grad through the registered op and its autograd."""
+    pytest.importorskip("triton")
+    import cpkernels.ops as ops
+
+    if "triton" not in cpkernels.available_backends("cpu"):
+        pytest.skip(cpkernels.explain_backend(torch.empty(0), "triton"))
+    inp = make_inputs(0, 16, 8, 3, 3, per_sample_shape=(6,), requires_grad=grad)
+    want = cp_linear_reference(**inp, scale=0.5)
+    monkeypatch.setattr(ops, "_check_inputs", lambda *a, **kw: pytest.fail("the Python path ran"))
+    y = cp_linear(**inp, scale=0.5, backend="triton")
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    assert (y.grad_fn is not None) == grad
