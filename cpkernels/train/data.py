@@ -418,16 +418,25 @@ def describe_splits(splits: dict) -> dict:
     """What a run records about its data: rows, label counts and a SHA-256 of every split's content.
 
     The digest (over texts and labels, in order) shows that two runs used identical splits without
-    storing any text.
+    storing any text. A token-tagging split (columns ``tokens`` and ``tags``, one list of each per row,
+    `cpkernels.train.corpora.token_splits`) is digested the same way, a row's tokens and its tags each
+    joined with U+001D, and reports the count of every tag as ``tag_counts``.
     """
     import hashlib
 
     out = {}
     for name, ds in splits.items():
         digest = hashlib.sha256()
-        texts = [c for c in TEXT_COLUMNS if c in ds.column_names]
-        for row in zip(*(ds[c] for c in texts), ds["label"]):
-            digest.update(("\x1f".join(map(str, row)) + "\x1e").encode())
+        token = "tags" in ds.column_names
+        columns = ["tokens", "tags"] if token else [c for c in TEXT_COLUMNS if c in ds.column_names] + ["label"]
+        for row in zip(*(ds[c] for c in columns)):
+            cells = ("\x1d".join(v) for v in row) if token else map(str, row)
+            digest.update(("\x1f".join(cells) + "\x1e").encode())
+        if token:
+            tags, counts = np.unique(np.asarray([t for seq in ds["tags"] for t in seq]), return_counts=True)
+            out[name] = {"rows": len(ds), "tag_counts": {str(t): int(n) for t, n in zip(tags, counts)},
+                         "sha256": digest.hexdigest()}
+            continue
         labels, counts = np.unique(np.asarray(ds["label"]), return_counts=True)
         out[name] = {"rows": len(ds), "label_counts": {f"{v:g}": int(n) for v, n in zip(labels, counts)}
                      if len(labels) <= 20 else None, "sha256": digest.hexdigest()}

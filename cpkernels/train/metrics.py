@@ -3,6 +3,9 @@
 Each task lists the metric names it reports (`cpkernels.train.data.GLUE_TASKS`); its *score* is the
 mean of those metrics over all of its evaluation splits (MNLI: matched and mismatched accuracy),
 and the GLUE average is the mean of the task scores, as on the GLUE leaderboard.
+
+Token-tagging tasks (WNUT-16 NER) are scored by `entity_f1` on BIO tags instead: it takes sequences
+of tags, not one label per row, so it is not one of `METRICS`.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["METRICS", "compute_metrics", "task_score", "glue_average"]
+__all__ = ["METRICS", "compute_metrics", "task_score", "glue_average", "entity_spans", "entity_f1"]
 
 #: Metric names a task may ask for, and whether they score class predictions or real values.
 METRICS = {
@@ -70,3 +73,49 @@ def task_score(metrics: dict[str, float]) -> float:
 def glue_average(scores: dict[str, float]) -> float:
     """Mean of the per-task scores (the tasks that were run; GLUE proper has nine)."""
     return float(np.mean(list(scores.values())))
+
+
+def entity_spans(tags) -> list[tuple[str, int, int]]:
+    """The entities of one BIO tag sequence as (type, start, end) with `end` exclusive, in order.
+
+    seqeval's default (non-strict, IOB2) reading, the one CoNLL's conlleval and most NER papers use:
+    an entity starts at ``B-X``, and also at an ``I-X`` that follows ``O`` or a tag of another type (a
+    tagger that forgets the B- still finds the entity); it goes on over the ``I-X`` after it and ends
+    before the next ``O``, ``B-*`` or tag of another type. So ``B-X B-X`` is two entities, and
+    ``B-X I-Y`` is two entities of different types. Any tag other than O, B-type, I-type is a ValueError.
+    """
+    spans, start, kind = [], None, None
+    for i, tag in enumerate(list(tags) + ["O"]):  # the sentinel O closes an entity at the end
+        if tag != "O" and (tag[:2] not in ("B-", "I-") or len(tag) == 2):
+            raise ValueError(f"tag {tag!r} at position {i} is not O, B-type or I-type")
+        new_kind = None if tag == "O" else tag[2:]
+        continues = tag.startswith("I-") and new_kind == kind
+        if kind is not None and not continues:
+            spans.append((kind, start, i))
+            kind = None
+        if new_kind is not None and not continues:
+            start, kind = i, new_kind
+    return spans
+
+
+def entity_f1(preds, labels) -> dict[str, float]:
+    """Entity-level micro precision, recall and F1 of predicted BIO tag sequences against the true ones.
+
+    An entity counts as found only when its type, start and end all match a true entity (`entity_spans`;
+    seqeval's default mode, whose ``f1_score`` it reproduces). Sequences are scored one by one, so no
+    entity spans two sentences. Where a ratio is 0/0 (no predicted or no true entities) it is 0, as
+    seqeval and scikit-learn report with ``zero_division=0``.
+    """
+    preds, labels = list(preds), list(labels)
+    if len(preds) != len(labels):
+        raise ValueError(f"preds and labels must hold the same number of sequences, got {len(preds)} and {len(labels)}")
+    found = n_pred = n_true = 0
+    for k, (p, t) in enumerate(zip(preds, labels)):
+        if len(p) != len(t):
+            raise ValueError(f"sequence {k}: {len(p)} predicted tags for {len(t)} tokens")
+        p, t = set(entity_spans(p)), set(entity_spans(t))
+        found, n_pred, n_true = found + len(p & t), n_pred + len(p), n_true + len(t)
+    precision = found / n_pred if n_pred else 0.0
+    recall = found / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
