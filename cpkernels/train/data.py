@@ -263,8 +263,8 @@ def resolve_tasks(names=None, specs=()) -> list[Task]:
         key = n.strip().lower().replace("-", "")
         if key not in GLUE_TASKS:
             raise ValueError(f"unknown task {n!r}: the built-in tasks are {', '.join(GLUE_TASKS)} (GLUE) and "
-                             f"{', '.join(CORPUS_TASKS)} (offline corpora, see cpkernels.train.corpora.install_hint); add your "
-                             "own with --task NAME=PATH,text=COL,label=COL,type=classification|regression")
+                             f"{', '.join(CORPUS_TASKS)} (offline corpora, see cpkernels.train.corpora.install_hint); "
+                             "add your own with --task NAME=PATH,text=COL,label=COL,type=classification|regression")
         tasks.append(GLUE_TASKS[key])
     tasks += [parse_task_spec(s) for s in specs]
     seen = set()
@@ -426,7 +426,8 @@ def load_task(task: Task, data_dir=None, cache_dir=None, max_train_samples=None,
     if task.corpus is not None:
         caps = {"train": max_train_samples, "val": max_eval_samples, "test": max_eval_samples}
         if task.type == TOKEN_TYPE:
-            return task, _token_datasets(task, _corpora().token_splits(task.corpus, split_seed, caps, task.data_file)[1])
+            _, columns = _corpora().token_splits(task.corpus, split_seed, caps, task.data_file)
+            return task, _token_datasets(task, columns)
         _, columns = _corpora().corpus_splits(task.corpus, split_seed, caps, task.data_file)
         features = datasets.Features({**{c: datasets.Value("string") for c in task.text_columns},
                                       "label": datasets.Value("float32")})
