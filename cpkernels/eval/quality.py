@@ -214,11 +214,15 @@ def load_encoder(model: str | None):
 
 def prepare(cfg: StudyConfig, say=print):
     """Load the encoder and the tasks; run the frozen lower layers once. Returns (top, data, info)."""
-    from ..train.data import CORPUS_TASKS, describe_splits, load_task
+    from ..train.data import CORPUS_TASKS, TOKEN_TYPE, describe_splits, load_task
 
-    unknown = [t for t in cfg.tasks if t not in CORPUS_TASKS]
+    sentence_tasks = [n for n, t in CORPUS_TASKS.items() if t.type != TOKEN_TYPE]
+    unknown = [t for t in cfg.tasks if t not in sentence_tasks]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; the study's tasks are {', '.join(CORPUS_TASKS)}")
+        # Token tasks (wnut16) are recipe tasks, but this study pools one vector per sample (issue 20's study
+        # will add them): refuse them here by name rather than fail deep inside the study.
+        raise ValueError(f"unknown task(s) {unknown}; the study's tasks are {', '.join(sentence_tasks)} (token "
+                         f"tasks such as wnut16 are recipe tasks only, not yet study tasks)")
     backbone, tokenizer, name = load_encoder(cfg.model)
     backbone.eval()
     base_params = sum(p.numel() for n, p in backbone.named_parameters() if not n.startswith("pooler."))
