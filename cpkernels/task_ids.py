@@ -209,11 +209,12 @@ def own(task_ids, device=None) -> torch.Tensor:
         task_ids = torch.tensor(task_ids, dtype=torch.int64)
     else:
         _check_type(task_ids)
-    if task_ids.device.type == "meta":
+    target = torch.device(device) if device is not None else task_ids.device
+    if task_ids.device.type == "meta" or target.type == "meta":
         raise ValueError("task_ids on the meta device have no values to own; pass them to cp_linear directly")
     signed = _signed(task_ids)
     dtype = signed.dtype if signed.dtype == torch.int32 else torch.int64
-    owned = signed.to(device=device if device is not None else task_ids.device, dtype=dtype, copy=True)
+    owned = signed.to(device=target, dtype=dtype, copy=True)
     if owned.numel() == 0:
         lo, hi = 0, -1
     else:
@@ -232,8 +233,8 @@ def is_owned(task_ids) -> bool:
 
 def owned_max(task_ids) -> int | None:
     """The largest id of a tensor made by `own()` (checked when it was made), else None."""
-    entry = _owned.get(id(task_ids))
-    return entry[1].hi if entry is not None and entry[0]() is task_ids else None
+    entry = _owned_entry(task_ids)
+    return entry.hi if entry is not None else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -102,12 +102,13 @@ struct CPLinearFunction : public torch::autograd::Function<CPLinearFunction> {
       // backward(create_graph=True): the gradients must carry a graph, and the fused kernels are
       // not differentiable. The formulas of ARCHITECTURE §1 in differentiable ATen ops (ops.py has the
       // same for the Triton op). The segment sum is a one-hot product: a row with id -1 matches no task.
-      const at::Tensor c = gather_rows(C, t), g = dy.mm(A), gc = g * c;
+      // (x·B again, not the saved u: u was made without a graph, and here B's path must be recorded.)
+      const at::Tensor c = gather_rows(C, t), g = dy.mm(A), gc = g * c, xB = x.mm(B);
       dx = dy.mm(weight) + scale * gc.mm(B.t());
-      dA = scale * dy.t().mm(x.mm(B) * c);
+      dA = scale * dy.t().mm(xB * c);
       dB = scale * x.t().mm(gc);
       const at::Tensor one_hot = t.unsqueeze(1).eq(at::arange(C.size(0), t.options())).to(u.scalar_type());
-      dC = scale * one_hot.t().mm(x.mm(B) * g);
+      dC = scale * one_hot.t().mm(xB * g);
       db = dy.sum(0);
     } else {
       std::tie(dx, dA, dB, dC, db) = bwd_op().call(dy, x, weight, A, B, C, t, u, scale, {nx, nA, nB, nC, nb});
@@ -201,27 +202,25 @@ std::optional<Prepared> prepare_impl(const at::Tensor& x, const at::Tensor& weig
   if (!plain_on(task_ids, device)) return std::nullopt;
   const at::ScalarType it = task_ids.scalar_type();
   if (!at::isIntegralType(it, /*includeBool=*/false) || it == at::kUInt64) return std::nullopt;
+  // Narrow dtypes are widened once, before the broadcast: the kernels take int32/int64.
+  const at::Tensor ids = (it == at::kInt || it == at::kLong) ? task_ids : task_ids.to(at::kLong);
   const at::IntArrayRef lead = x.sizes().slice(0, x.dim() - 1);
   at::Tensor rows;
-  if (task_ids.sizes() == lead) {
-    rows = task_ids;
-  } else if (task_ids.dim() == 0 || (!lead.empty() && task_ids.dim() == 1 && task_ids.size(0) == lead[0])) {
+  if (ids.sizes() == lead) {
+    rows = ids;
+  } else if (ids.dim() == 0 || (!lead.empty() && ids.dim() == 1 && ids.size(0) == lead[0])) {
     std::vector<int64_t> shape(lead.size(), 1);
-    if (task_ids.dim() == 1) shape[0] = lead[0];
-    rows = task_ids.reshape(shape).expand(lead);
+    if (ids.dim() == 1) shape[0] = lead[0];
+    rows = ids.reshape(shape).expand(lead);
   } else {
     return std::nullopt;
   }
   const int64_t rows_n = c10::multiply_integers(lead);
-  at::Tensor flat = rows.reshape({rows_n});
-  if (it != at::kInt && it != at::kLong) flat = flat.to(at::kLong);
-  flat = flat.contiguous();
+  const at::Tensor flat = rows.reshape({rows_n}).contiguous();
   if (owned_hi.has_value()) {
     if (*owned_hi >= T) return std::nullopt;
   } else if (rows_n > 0) {
-    // The ids as the caller passed them (no bigger than the broadcast rows).
-    const at::Tensor ids = (it == at::kInt || it == at::kLong) ? task_ids : task_ids.to(at::kLong);
-    auto [lo, hi] = id_range(ids);
+    auto [lo, hi] = id_range(ids);  // the ids as the caller passed them: no bigger than the broadcast rows
     if (lo < -1 || hi >= T) return std::nullopt;
   }
   const at::ScalarType dt = x.scalar_type();

@@ -155,3 +155,9 @@ def test_shape_error_names_each_form_once():
     inp = _inputs(lead=(5, 7))
     with pytest.raises(ValueError, match=r"expected \(5, 7\) \(one task per row\) or \(5,\) \(one task per sample\)"):
         cp_linear(**{**inp, "task_ids": torch.zeros(4, dtype=torch.long)})
+
+
+def test_own_onto_the_meta_device_is_refused_by_name():
+    """A meta target has no values to check either: refused like meta ids, not an aminmax error."""
+    with pytest.raises(ValueError, match="meta device have no values"):
+        tid.own(torch.tensor([0, 1]), device="meta")

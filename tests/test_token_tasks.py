@@ -38,13 +38,7 @@ POSITIVE, NEGATIVE = ["good", "great"], ["bad", "awful"]
 WORDS = FILLER + PEOPLE + ["paris", "lon", "##don", "new", "york"] + POSITIVE + NEGATIVE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Microsecond ops on the tiny model: a second intra-op thread only adds hand-off cost (as in test_train).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

