@@ -500,17 +500,17 @@ def default_rates(cfg: StudyConfig) -> dict:
 
 
 def run_seed(top, data, info, cfg: StudyConfig, seed: int, methods, keep_similarity: bool = False,
-             rates: dict | None = None, keep_lora: bool = False):
+             rates: dict | None = None, keep_lora: bool = False, validate: bool | None = None):
     """Each of `methods` once with `seed`: (result rows, extras).
 
-    `rates` overrides `default_rates` per method. With validation splits, each row also carries its
-    ``val_metrics`` and ``val_score`` (what the learning-rate search ranks). extras holds "similarity"
+    `rates` overrides `default_rates` per method. With `validate` (default: when the tasks have validation
+    splits) each row also carries its ``val_metrics`` and ``val_score`` (what the learning-rate search ranks). extras holds "similarity"
     (when `keep_similarity`, from cp-multi at cfg.similarity_rank) and "lora" (when `keep_lora`: the
     per-task LoRA models, for the zoo).
     """
     hidden, T = info["hidden_size"], len(data)
     rates = {**default_rates(cfg), **(rates or {})}
-    validate = data[0].val is not None
+    validate = data[0].val is not None if validate is None else validate
     rows, extras = [], {}
 
     def record(method, setting, models, counts, train, wall):
@@ -796,8 +796,9 @@ def run_study(cfg: StudyConfig, output_dir, say=print) -> dict:
     if not steps:
         write("done", True)
     for n, (phase, seed, step_cfg) in enumerate(steps):
+        # Only the search reads validation scores: the other runs skip that evaluation.
         rows, extras = run_seed(top, data, info, step_cfg, seed, phase, keep_similarity=seed == seed0,
-                                rates=rates, keep_lora=zoo)
+                                rates=rates, keep_lora=zoo, validate=False)
         keep(rows, extras, seed)
         write(f"{', '.join(phase)}: seed {seed} done", n == len(steps) - 1)
     return results
