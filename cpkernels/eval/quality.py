@@ -657,7 +657,11 @@ def serving_cost(top, data, cfg: StudyConfig, loras: list[StudyModel], zoo_model
     for k, (d, lora) in enumerate(zip(data, loras)):
         if k:
             peft_model.add_adapter(d.name, _lora_config(cfg))
-        set_peft_model_state_dict(peft_model, get_peft_model_state_dict(lora.top), adapter_name=d.name)
+        # The per-task models were injected into the bare top layers; a PeftModel's keys carry its prefix.
+        state = {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(lora.top).items()}
+        loaded = set_peft_model_state_dict(peft_model, state, adapter_name=d.name)
+        if loaded.unexpected_keys:  # PEFT loads with strict=False: a missed key would serve a zero update
+            raise RuntimeError(f"PEFT did not take {loaded.unexpected_keys[:3]} of task {d.name!r}")
     peft_model.eval()
     names = [data[t].name for t in ids.tolist()]
 
@@ -836,7 +840,17 @@ def run_pilot(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -> dict
             break
     k, top, data, info = chosen
     out["chosen_top_layers"] = k
-    rows, _ = run_seed(top, data, info, dataclasses.replace(cfg, top_layers=k), cfg.seeds[0], ("cp-lasso",))
+    # The lasso's proximal threshold is lr·λ, so the λ grid is calibrated at the rate cp-multi will run at:
+    # the search's choice for cp-multi (the same seed-0 runs on validation the study's search makes).
+    kcfg = dataclasses.replace(cfg, top_layers=k, ranks=(cfg.search_rank,))
+    trials = [run_seed(top, data, info, kcfg, cfg.seeds[0], ("cp-multi",), rates={"cp-multi": lr})[0][0]
+              for lr in cfg.lr_grid]
+    best = max(range(len(trials)), key=lambda i: (trials[i]["val_score"], -i))
+    out["cp_multi_search"] = [{"lr": lr, "val_score": t["val_score"], "wall_s": t["wall_s"]}
+                              for lr, t in zip(cfg.lr_grid, trials)]
+    lasso_lr = cfg.lr_grid[best]
+    out["lasso_lr"] = lasso_lr
+    rows, _ = run_seed(top, data, info, kcfg, cfg.seeds[0], ("cp-lasso",), rates={"cp-lasso": lasso_lr})
     out["lasso"] = [{"setting": r["setting"], "rank_total": r["rank_total"], "val_score": r["val_score"],
                      "wall_s": r["wall_s"]} for r in rows]
     out["wall_time_s"] = time.perf_counter() - t_start
@@ -855,7 +869,10 @@ def run_pilot(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -> dict
                          f" | {r['val_score']:.1f} | {r['wall_s']:.0f} |")
         lines.append(f"| {reg['top_layers']} | LoRA − probe | " + " | ".join(f"{reg['gaps'][t]:+.1f}" for t in names) +
                      f" | separates: **{'yes' if reg['separates'] else 'no'}** | |")
-    lines += ["", f"cp-lasso r={cfg.lasso_rank} on top {k}: " +
+    lines += ["", f"cp-multi r={cfg.search_rank} on top {k}, validation mean score by rate: " +
+              ", ".join(f"{t['lr']:g}: {t['val_score']:.1f}" for t in out["cp_multi_search"]) +
+              f" (the search will pick {lasso_lr:g})"]
+    lines += ["", f"cp-lasso r={cfg.lasso_rank} on top {k} at lr {lasso_lr:g}: " +
               "; ".join(f"{r['setting']} keeps rank {r['rank_total']:.0f} (val {r['val_score']:.1f})" for r in out["lasso"]),
               "", f"Wall time {out['wall_time_s']:.0f} s."]
     atomic_write(out_dir / "pilot.md", ("\n".join(lines) + "\n").encode())
