@@ -307,3 +307,29 @@ def test_quick_study2_end_to_end(tiny_bert, tmp_path):
     assert serving["peft_vs_exact_max_abs_diff"] < 1e-4 and len(serving["rows"]) == 2 + 1 + len(cfg.zoo_ranks)
     for name in ("results.md", "compression.png", "lasso_curve.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@needs_study2
+def test_pilots_choose_by_validation(tiny_bert, tmp_path):
+    """The pilot (fixed rates, then cp-multi's searched rate for the λ grid) and the tuned pilot (LoRA and the
+    probe each at their best rate) on a tiny BERT: their choices are the validation argmax of what they ran."""
+    cfg = quality.StudyConfig(**{**quality.QUICK2, "model": str(tiny_bert), "steps": 5, "train_rows": 20,
+                                 "test_rows": 10, "val_rows": 8})
+    pilot = quality.run_pilot(cfg, tmp_path, layers=(1, 2), say=lambda *a: None)
+    first = pilot["regions"][0]
+    assert pilot["chosen_top_layers"] == (1 if first["separates"] else 2)
+    search = pilot["cp_multi_search"]
+    assert pilot["lasso_lr"] == search[quality.best_rate([t["val_score"] for t in search])]["lr"]
+    assert len(pilot["lasso"]) == len(cfg.lasso) and (tmp_path / "pilot.md").stat().st_size > 0
+    tuned = quality.run_pilot_tuned(cfg, tmp_path, layers=(1,), say=lambda *a: None)
+    region = tuned["regions"][0]
+    for method in ("lora", "head"):
+        trials = [t for t in region["trials"] if t["method"] == method]
+        assert [t["lr"] for t in trials] == list(quality.search_grid(cfg, method))
+        assert region["rates"][method] == trials[quality.best_rate([t["val_score"] for t in trials])]["lr"]
+    assert "| 1 |" in (tmp_path / "pilot-tuned.md").read_text()
+
+
+def test_best_rate_breaks_ties_toward_the_smaller_rate():
+    assert quality.best_rate([60.0, 62.5, 62.5]) == 1
+    assert quality.best_rate([70.0, 62.5, 69.0]) == 0
