@@ -513,8 +513,9 @@ def run_seed(top, data, info, cfg: StudyConfig, seed: int, methods, keep_similar
     validate = data[0].val is not None if validate is None else validate
     rows, extras = [], {}
 
-    def record(method, setting, models, counts, train, wall):
-        """Evaluate `models` (one, or one per task) on test (and val) and append the row."""
+    def record(method, setting, models, counts, train, t0):
+        """Evaluate `models` (one, or one per task) on test (and val) and append the row; its wall time
+        runs from `t0`, the start of its training, to the end of its evaluation."""
         models = models if isinstance(models, list) else [models]
         per = [[d] for d in data] if len(models) > 1 else [data]
         row = {"method": method, "setting": setting, "seed": seed, "lr": rates[method], "metrics": {},
@@ -526,7 +527,7 @@ def run_seed(top, data, info, cfg: StudyConfig, seed: int, methods, keep_similar
                 row.setdefault("val_metrics", {}).update(evaluate(m, ds, cfg, "val"))
         if validate:
             row["val_score"] = score(row["val_metrics"], data)
-        row["wall_s"] = wall + time.perf_counter() - t_eval
+        row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
 
     if "cp-multi" in methods:
@@ -535,8 +536,7 @@ def run_seed(top, data, info, cfg: StudyConfig, seed: int, methods, keep_similar
             torch.manual_seed(_seed_for(seed, "cp-multi", r))
             model = _cp_model(top, data, r, cfg, hidden)
             train = fit(model, data, cfg.steps, rates["cp-multi"], seed, cfg, desc=f"seed {seed} cp-multi r={r}")
-            t_eval = time.perf_counter()
-            record("cp-multi", f"r={r}", model, _cp_counts(model, T), train, t_eval - t0)
+            record("cp-multi", f"r={r}", model, _cp_counts(model, T), train, t0)
             if keep_similarity and r == cfg.similarity_rank:
                 from ..analysis import task_similarity
 
@@ -551,8 +551,7 @@ def run_seed(top, data, info, cfg: StudyConfig, seed: int, methods, keep_similar
             train = fit(model, data, cfg.steps, rates["cp-lasso"], seed, cfg, lasso=lam,
                         desc=f"seed {seed} cp-lasso λ={lam:g}")
             sparsity.prune(model.top)
-            t_eval = time.perf_counter()
-            record("cp-lasso", f"r={cfg.lasso_rank},λ={lam:g}", model, _cp_counts(model, T), train, t_eval - t0)
+            record("cp-lasso", f"r={cfg.lasso_rank},λ={lam:g}", model, _cp_counts(model, T), train, t0)
     for method in ("lora", "head", "full", "cp-single"):
         if method not in methods:
             continue
@@ -569,9 +568,8 @@ def run_seed(top, data, info, cfg: StudyConfig, seed: int, methods, keep_similar
             counts.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
             steps, losses = steps + train["steps"], losses + [train["final_loss"]]
         per_task = float(np.mean(counts))  # nothing is shared: marginal = amortised
-        t_eval = time.perf_counter()
         record(method, setting, models, {"marginal": per_task, "amortised": per_task},
-               {"steps": steps, "final_loss": float(np.mean(losses))}, t_eval - t0)
+               {"steps": steps, "final_loss": float(np.mean(losses))}, t0)
         if method == "lora" and keep_lora:
             extras["lora"] = models
     return rows, extras
@@ -623,22 +621,24 @@ def run_zoo(top, data, info, cfg: StudyConfig, seed: int, loras: list[StudyModel
     for head, lora in zip(zoo.heads, loras):  # each task keeps the head it was trained with
         head.load_state_dict(lora.heads[0].state_dict())
     rank = max(m.rank for _, m in cp_layers(zoo.top))
-    models = {"exact": zoo}
-    info_of = {"exact": {"rank": rank, "relative_error": None, "max_abs_diff": _max_abs_diff(zoo, loras, data, cfg)}}
+    # Each setting: (model, zoo facts, seconds to build it: the import for "exact", the fit for each R).
+    settings = {"exact": (zoo, {"rank": rank, "relative_error": None,
+                                "max_abs_diff": _max_abs_diff(zoo, loras, data, cfg)}, time.perf_counter() - t0)}
     for R in cfg.zoo_ranks:
+        t0 = time.perf_counter()
         small = copy.deepcopy(zoo)
         rep = sparsity.compress(small.top, R)
-        models[f"R={R}"] = small
-        info_of[f"R={R}"] = {"rank": R, "relative_error": rep["relative_error"], "max_abs_diff": None}
+        settings[f"R={R}"] = (small, {"rank": R, "relative_error": rep["relative_error"], "max_abs_diff": None},
+                              time.perf_counter() - t0)
     rows = []
-    for setting, model in models.items():
-        t_eval = time.perf_counter()
-        row = {"method": "lora-zoo", "setting": setting, "seed": seed, "lr": None, "metrics": evaluate(model, data, cfg),
-               "steps": 0, "final_loss": None, "zoo": info_of[setting]}
+    for setting, (model, facts, built_s) in settings.items():
+        t0 = time.perf_counter()
         counts = _cp_counts(model, T)
-        row.update(params_marginal=counts["marginal"], params_amortised=counts["amortised"],
-                   rank_total=counts["rank_total"], wall_s=time.perf_counter() - t_eval + (t_eval - t0 if setting == "exact" else 0))
-        rows.append(row)
+        rows.append({"method": "lora-zoo", "setting": setting, "seed": seed, "lr": None,
+                     "metrics": evaluate(model, data, cfg), "steps": 0, "final_loss": None, "zoo": facts,
+                     "params_marginal": counts["marginal"], "params_amortised": counts["amortised"],
+                     "rank_total": counts["rank_total"], "wall_s": built_s + time.perf_counter() - t0})
+    models = {setting: model for setting, (model, _, _) in settings.items()}
     return rows, models
 
 
@@ -815,12 +815,31 @@ def run_study(cfg: StudyConfig, output_dir, say=print) -> dict:
 # --------------------------------------------------------------------------------------------
 # Study 2's pilot: does adapting the encoder beat the probe, for which region? (validation split)
 # --------------------------------------------------------------------------------------------
+def _probe_gaps(lora: dict, probe: dict, data: list[TaskData]) -> tuple[dict, bool]:
+    """({task: per-task LoRA minus the probe, validation, primary metric, points}, whether LoRA leads by more
+    than report.PROBE_MARGIN on at least two tasks: the pilot's criterion)."""
+    from .report import PROBE_MARGIN
+
+    gaps = {d.name: 100 * (lora["val_metrics"][d.name][d.metrics[0]] - probe["val_metrics"][d.name][d.metrics[0]])
+            for d in data}
+    return gaps, sum(g > PROBE_MARGIN for g in gaps.values()) >= 2
+
+
+def _write_pilot(output_dir, stem: str, out: dict, lines: list[str], say) -> None:
+    """`stem`.json (everything) and `stem`.md (the table), written atomically; the table is also said."""
+    from ..adapters import atomic_write
+
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / f"{stem}.json", (json.dumps(out, indent=1, default=str) + "\n").encode())
+    atomic_write(out_dir / f"{stem}.md", ("\n".join(lines) + "\n").encode())
+    say("\n".join(lines))
+
+
 def run_pilot(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -> dict:
     """Per-task LoRA against the probe, seed 0, on the validation split, for each top-k region in
     `layers`; then cp-lasso at each λ of cfg.lasso (on the first region that separates, else the
     largest), for the kept ranks that set the λ grid. Writes pilot.json and pilot.md."""
-    from ..adapters import atomic_write
-
     t_start = time.perf_counter()
     cfg = dataclasses.replace(cfg, lr_grid=cfg.lr_grid or (cfg.lr,))  # validation splits are needed
     out, chosen = {"config": _config_dict(cfg), "commit": source_commit(), "regions": [], "lasso": []}, None
@@ -831,9 +850,7 @@ def run_pilot(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -> dict
         prep = time.perf_counter() - t0
         rows, _ = run_seed(top, data, info, kcfg, cfg.seeds[0], ("lora", "head"))
         by = {r["method"]: r for r in rows}
-        gaps = {d.name: 100 * (by["lora"]["val_metrics"][d.name][d.metrics[0]] - by["head"]["val_metrics"][d.name][d.metrics[0]])
-                for d in data}
-        separates = sum(g > 2 for g in gaps.values()) >= 2
+        gaps, separates = _probe_gaps(by["lora"], by["head"], data)
         out["regions"].append({"top_layers": k, "prepare_s": prep, "separates": separates, "gaps": gaps,
                                "rows": [{key: r[key] for key in ("method", "lr", "val_metrics", "val_score", "wall_s")}
                                         for r in rows]})
@@ -858,9 +875,6 @@ def run_pilot(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -> dict
     out["lasso"] = [{"setting": r["setting"], "rank_total": r["rank_total"], "val_score": r["val_score"],
                      "wall_s": r["wall_s"]} for r in rows]
     out["wall_time_s"] = time.perf_counter() - t_start
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "pilot.json", (json.dumps(out, indent=1, default=str) + "\n").encode())
     names = [d.name for d in data]
     lines = [f"Pilot at commit `{out['commit']}`, seed {cfg.seeds[0]}, validation split; {cfg.steps} multi-task "
              f"steps × {cfg.batch_size} rows (per-task: {cfg.per_task_steps('lora')}), max length {cfg.max_length}, "
@@ -879,8 +893,7 @@ def run_pilot(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -> dict
     lines += ["", f"cp-lasso r={cfg.lasso_rank} on top {k} at lr {lasso_lr:g}: " +
               "; ".join(f"{r['setting']} keeps rank {r['rank_total']:.0f} (val {r['val_score']:.1f})" for r in out["lasso"]),
               "", f"Wall time {out['wall_time_s']:.0f} s."]
-    atomic_write(out_dir / "pilot.md", ("\n".join(lines) + "\n").encode())
-    say("\n".join(lines))
+    _write_pilot(output_dir, "pilot", out, lines, say)
     return out
 
 
@@ -927,7 +940,7 @@ def run_pilot_tuned(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -
     each at the best rate of their grids (`search_grid`, seed 0, validation split), and the gaps between
     them. The recorded pilot compared them at fixed rates; study 2 showed that equal tuning shrinks the
     gap, so this is the comparison a next region choice should rest on. Writes pilot-tuned.json and .md."""
-    from ..adapters import atomic_write
+    from .report import PROBE_MARGIN
 
     t_start = time.perf_counter()
     out = {"config": _config_dict(cfg), "commit": source_commit(), "regions": []}
@@ -940,19 +953,14 @@ def run_pilot_tuned(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -
                     for lr in search_grid(cfg, method)]
             best[method] = rows[best_rate([r["val_score"] for r in rows])]
             trials += [{key: r[key] for key in ("method", "lr", "val_metrics", "val_score", "wall_s")} for r in rows]
-        primary = {d.name: d.metrics[0] for d in data}
-        gaps = {t: 100 * (best["lora"]["val_metrics"][t][m] - best["head"]["val_metrics"][t][m])
-                for t, m in primary.items()}
+        gaps, separates = _probe_gaps(best["lora"], best["head"], data)
         region = {"top_layers": k, "rates": {m: r["lr"] for m, r in best.items()}, "gaps": gaps,
-                  "separates": sum(g > 2 for g in gaps.values()) >= 2, "trials": trials}
+                  "separates": separates, "trials": trials}
         out["regions"].append(region)
         say(f"  top {k} (tuned): LoRA − probe on val {', '.join(f'{t} {g:+.1f}' for t, g in gaps.items())}; "
             f"separates: {region['separates']}")
     out["wall_time_s"] = time.perf_counter() - t_start
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "pilot-tuned.json", (json.dumps(out, indent=1, default=str) + "\n").encode())
-    names = list(primary)
+    names = [d.name for d in data]
     lines = [f"Pilot at tuned rates, commit `{out['commit']}`, seed {cfg.seeds[0]}, validation split; {cfg.steps} "
              f"multi-task steps × {cfg.batch_size} rows (per-task: {cfg.per_task_steps('lora')}), max length "
              f"{cfg.max_length}. Each method at the best rate of its grid (LoRA {', '.join(f'{v:g}' for v in search_grid(cfg, 'lora'))}; "
@@ -962,10 +970,9 @@ def run_pilot_tuned(cfg: StudyConfig, output_dir, layers=(1, 2, 3), say=print) -
     for reg in out["regions"]:
         lines.append(f"| {reg['top_layers']} | {reg['rates']['lora']:g} | {reg['rates']['head']:g} | " +
                      " | ".join(f"{reg['gaps'][t]:+.1f}" for t in names) +
-                     f" | {sum(g > 2 for g in reg['gaps'].values())} | {'yes' if reg['separates'] else 'no'} |")
+                     f" | {sum(g > PROBE_MARGIN for g in reg['gaps'].values())} | {'yes' if reg['separates'] else 'no'} |")
     lines += ["", f"Wall time {out['wall_time_s']:.0f} s."]
-    atomic_write(out_dir / "pilot-tuned.md", ("\n".join(lines) + "\n").encode())
-    say("\n".join(lines))
+    _write_pilot(output_dir, "pilot-tuned", out, lines, say)
     return out
 
 
