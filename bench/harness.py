@@ -327,6 +327,61 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _proc_stat_fields(path: str) -> list[str]:
+    """The fields of a /proc/PID/stat line after the command name (which may hold spaces or parentheses)."""
+    with open(path) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def cpu_snapshot() -> dict | None:
+    """Busy CPU seconds of the whole machine and of this process tree, with the wall clock (Linux only).
+
+    Two snapshots give the share of the CPU that *other* processes used in between (`others_cpu_share`).
+    The 1-minute load average cannot tell that: the benchmark's own threads load every core it measures
+    on, so on a 2-core machine a quiet run looked as shared as a busy one. This process's own time
+    counts its reaped children, and its live descendants (torch.compile's worker pool) are added.
+    """
+    try:
+        with open("/proc/stat") as f:
+            cpu = [int(v) for v in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy; steal
+        # (the hypervisor running someone else) is, since it takes time from the measurement too.
+        busy_ticks = sum(cpu[:8]) - cpu[3] - cpu[4]
+        children: dict[int, list[int]] = {}
+        times: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = _proc_stat_fields(f"/proc/{entry.name}/stat")
+            except OSError:  # the process ended while we listed /proc
+                continue
+            pid = int(entry.name)
+            children.setdefault(int(fields[1]), []).append(pid)  # fields[1] is ppid
+            times[pid] = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    except (OSError, ValueError, IndexError):
+        return None
+    own_ticks, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        own_ticks += times.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"busy_s": busy_ticks / hz, "own_s": own_ticks / hz, "wall_s": time.monotonic(),
+            "cores": os.cpu_count() or 1}
+
+
+def others_cpu_share(before: dict | None, after: dict | None) -> float | None:
+    """The fraction of all cores' time between two `cpu_snapshot`s that other processes kept busy."""
+    if before is None or after is None:
+        return None
+    wall = after["wall_s"] - before["wall_s"]
+    if wall <= 0:
+        return None
+    others = (after["busy_s"] - before["busy_s"]) - (after["own_s"] - before["own_s"])
+    return max(0.0, others) / (wall * after["cores"])
+
+
 def write_run(out: Path, name: str, data: dict, table: str, started: float) -> None:
     """Write OUT/NAME.json (atomically) and OUT/NAME.txt, then print the run's header and its table last."""
     import json

@@ -32,7 +32,10 @@ SHAPES_BY_ID = {s.id: s for s in shapes.GPU_SHAPES + shapes.CPU_SHAPES}
 CPU_BUDGET_S = {"full": 6.0, "quick": 2.0}
 #: do_bench measuring window per provider and pass on the GPU (its default is 100 ms).
 GPU_REP_MS = {"full": 100, "quick": 50}
-#: A CPU whose 1-minute load average exceeds this fraction of its cores was shared while measuring.
+#: A CPU on which other processes kept more than this share of all cores busy was shared while measuring.
+OTHERS_SHARE = 0.2
+#: For results written before `others_cpu_share` was recorded: a 1-minute load average above this
+#: fraction of the cores (it counts the run's own threads, so it over-flags small machines).
 LOADED_FRACTION = 0.5
 #: Short column names keep the ratio table under 100 columns; the chart's legend spells them out.
 COLUMN = {"compiled-reference": "compile(ref)", "peft-lora": "peft"}
@@ -64,6 +67,7 @@ def _short_error(exc: BaseException) -> str:
 def measure(args, out: Path) -> dict:
     device = harness.bench_device()
     mode = "quick" if args.quick else "full"
+    cpu_before = harness.cpu_snapshot()
     data = {"environment": harness.environment(device), "method": _method(device, args.quick), "records": [],
             "complete": False}
     print(_header(data), flush=True)
@@ -115,7 +119,8 @@ def measure(args, out: Path) -> dict:
         data["host"] = host.measure("quick" if args.quick else "full", device)
         _write_json(data, out)
     if device.type == "cpu":
-        data["environment"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+        share = harness.others_cpu_share(cpu_before, harness.cpu_snapshot())
+        data["environment"]["others_cpu_share"] = None if share is None else round(share, 3)
     data["complete"] = True
     _write_json(data, out)
     return data
@@ -271,12 +276,18 @@ def _load_warning(env: dict) -> str | None:
     if env.get("device_type") != "cpu":
         return None
     cores = env.get("cpu_cores") or 1
-    loads = [env.get("load_avg_1m"), env.get("load_avg_1m_end")]
-    worst = max(v for v in loads if v is not None)
-    if worst > LOADED_FRACTION * cores:
-        return (f"PRELIMINARY: the machine was shared while measuring (1-min load average up to {worst} on "
-                f"{cores} cores); re-run on a quiet machine for final numbers (on a shared one, --threads 1 "
-                f"avoids parallel regions that wait a scheduler tick for a descheduled thread)")
+    advice = ("re-run on a quiet machine for final numbers (on a shared one, --threads 1 avoids parallel "
+              "regions that wait a scheduler tick for a descheduled thread)")
+    share = env.get("others_cpu_share")
+    if share is not None:
+        if share > OTHERS_SHARE:
+            return (f"PRELIMINARY: the machine was shared while measuring (other processes kept {share:.0%} of "
+                    f"{cores} cores busy); {advice}")
+        return None
+    loads = [v for v in (env.get("load_avg_1m"), env.get("load_avg_1m_end")) if v is not None]
+    if loads and max(loads) > LOADED_FRACTION * cores:
+        return (f"PRELIMINARY: the machine was shared while measuring (1-min load average up to {max(loads)} on "
+                f"{cores} cores); {advice}")
     return None
 
 

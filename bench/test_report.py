@@ -5,9 +5,13 @@ Runs with `pytest bench/ --benchmark-disable` (CI smoke); `--benchmark-only` ski
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+import harness
 import report
 
 
@@ -68,10 +72,38 @@ def test_mixed_over_single():
     assert row == ["cpu-ffn-fp32", "cpu", "1.030", "✘", "1.000", "✔"]
 
 
-@pytest.mark.parametrize(("load", "preliminary"), [(0.2, False), (3.0, True)])
-def test_a_loaded_cpu_is_flagged_preliminary(load, preliminary):
+@pytest.mark.parametrize(("env", "preliminary"), [
+    (dict(load_avg_1m=0.2), False), (dict(load_avg_1m=3.0), True),  # results from before others_cpu_share
+    # The run's own 2 threads put the load average at ~2 on 2 cores: what other processes used decides.
+    (dict(load_avg_1m=2.1, load_avg_1m_end=2.0, others_cpu_share=0.03), False),
+    (dict(load_avg_1m=0.1, others_cpu_share=0.45), True),
+])
+def test_a_shared_cpu_is_flagged_preliminary(env, preliminary):
     records = [_rec("cpu-bert-fp32-mixed", "linear", "forward", 1.0)]
-    assert ("PRELIMINARY" in report.short_table(_data(records, load_avg_1m=load))) == preliminary
+    assert ("PRELIMINARY" in report.short_table(_data(records, **env))) == preliminary
+
+
+def test_others_cpu_share_subtracts_this_process_tree():
+    before = dict(busy_s=100.0, own_s=10.0, wall_s=50.0, cores=2)
+    after = dict(busy_s=104.0, own_s=13.0, wall_s=52.0, cores=2)  # 4 s busy in 2 s x 2 cores, 3 s ours
+    assert harness.others_cpu_share(before, after) == pytest.approx(0.25)
+    assert harness.others_cpu_share(before, dict(after, own_s=15.0)) == 0.0  # never negative
+    assert harness.others_cpu_share(None, after) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="cpu_snapshot reads Linux's /proc")
+def test_cpu_snapshot_counts_a_live_child_as_this_process():
+    """A child's CPU time is ours: torch.compile's worker pool must not read as another user of the machine."""
+    spin = "import time\nwhile time.process_time() < 0.5: pass\nprint('done', flush=True)\ninput()"
+    before = harness.cpu_snapshot()
+    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"
+        after = harness.cpu_snapshot()  # the child is alive (waiting on stdin), so not yet reaped
+    finally:
+        child.communicate("\n", timeout=30)
+    assert after["own_s"] - before["own_s"] >= 0.5 - 0.02  # tick granularity
+    assert after["busy_s"] - before["busy_s"] >= 0.5 - 0.05
 
 
 def test_from_json_renders_tables_and_chart(tmp_path, capsys):

@@ -369,7 +369,6 @@ def _readme_block(marker: str) -> str:
 
 def test_readme_inference_snippet_loads_a_trained_run(e2e, workspace, monkeypatch, tmp_path):
     """The README's load_trained snippet, run as written on a finished run, gives back the run's own scores."""
-    from cpkernels.train import load_trained
     from cpkernels.train.data import load_task, resolve_tasks, tokenize_split
     from cpkernels.train.loop import evaluate
 

@@ -356,8 +356,8 @@ def check_device(arch: int, shapes, dtypes, rows: list[dict], out=sys.stdout) ->
 
 
 def print_table(rows, arch, out=sys.stdout) -> None:
-    print(f"\n| launch (shape/dtype/mode/pass#n) | kernel | config | regs | stack B | spill B | smem B | wgmma | TMA "
-          f"| status |", file=out)
+    print("\n| launch (shape/dtype/mode/pass#n) | kernel | config | regs | stack B | spill B | smem B | wgmma | TMA "
+          "| status |", file=out)
     print("|---|---|---|---|---|---|---|---|---|---|", file=out)
     for r in rows:
         if "regs" in r:
