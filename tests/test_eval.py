@@ -107,6 +107,16 @@ def test_cli_rejects_bad_arguments(capsys):
     assert quality.main(["--methods", "cp-multi,nope"]) == 2
     assert "nope" in capsys.readouterr().err
     assert quality.main(["--steps", "0"]) == 2
+    assert quality.main(["--study", "2", "--lr-grid", "3e-3,0"]) == 2
+    assert "--lr-grid" in capsys.readouterr().err
+
+
+def test_lr_grid_is_read_ascending():
+    """best_rate breaks ties towards the first (smaller) rate, so the grid must be ascending whatever the order typed."""
+    args = quality.build_parser().parse_args(["--study", "2", "--lr-grid", "1e-2,3e-3,1e-2"])
+    assert quality.config_from_args(args).lr_grid == (3e-3, 1e-2)
+    args = quality.build_parser().parse_args(["--study", "2"])
+    assert quality.config_from_args(args).lr_grid == quality.STUDY2["lr_grid"]
 
 
 @needs_corpora

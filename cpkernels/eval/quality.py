@@ -1000,6 +1000,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lasso", default=None, help="comma list of group-lasso weights λ (default "
                    f"{','.join(f'{v:g}' for v in StudyConfig.lasso)})")
     p.add_argument("--top-layers", type=int, default=None, help="adapted top layers (default 1)")
+    p.add_argument("--lr-grid", default=None,
+                   help="comma list of learning rates the search tries for each method (the probe: the same factors "
+                        "around the heads' rate); study 2's default " + ",".join(f"{v:g}" for v in STUDY2["lr_grid"]))
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 on a shared, loaded machine, where "
                         "two threads wait on each other)")
@@ -1025,6 +1028,11 @@ def config_from_args(args) -> StudyConfig:
         kw["lasso"] = tuple(float(v) for v in args.lasso.split(","))
     if args.top_layers is not None:
         kw["top_layers"] = args.top_layers
+    if args.lr_grid:
+        grid = tuple(float(v) for v in args.lr_grid.split(",") if v)
+        if not grid or min(grid) <= 0:
+            raise ValueError(f"--lr-grid needs positive learning rates, got {args.lr_grid!r}")
+        kw["lr_grid"] = tuple(sorted(set(grid)))  # ascending: best_rate breaks a tie towards the smaller rate
     if args.methods:
         kw["methods"] = tuple(m for m in args.methods.split(",") if m)
         bad = [m for m in kw["methods"] if m not in METHODS]
