@@ -266,6 +266,8 @@ def _header(data: dict) -> str:
     lines = [f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | peft {env['peft']} | "
              f"python {env['python']} | commit {env['commit']} | {env['date']}",
              f"method: {data['method']}"]
+    if env.get("others_cpu_share") is not None:
+        lines[0] += f" | other processes' CPU share {env['others_cpu_share']:.0%}"
     warning = _load_warning(env)
     if warning:
         lines.append(warning)

@@ -83,6 +83,11 @@ def test_a_shared_cpu_is_flagged_preliminary(env, preliminary):
     assert ("PRELIMINARY" in report.short_table(_data(records, **env))) == preliminary
 
 
+def test_header_states_the_others_share():
+    records = [_rec("cpu-bert-fp32-mixed", "linear", "forward", 1.0)]
+    assert "other processes' CPU share 3%" in report.short_table(_data(records, others_cpu_share=0.03))
+
+
 def test_others_cpu_share_subtracts_this_process_tree():
     before = dict(busy_s=100.0, own_s=10.0, wall_s=50.0, cores=2)
     after = dict(busy_s=104.0, own_s=13.0, wall_s=52.0, cores=2)  # 4 s busy in 2 s x 2 cores, 3 s ours
