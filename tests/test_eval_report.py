@@ -197,3 +197,16 @@ def test_stored_study1_summary_renders_unchanged():
     for entry in stored["summary"]:
         entry.pop("mean_score", None)
     assert report.markdown(stored) == (STORED / "results.md").read_text()
+
+
+@pytest.mark.parametrize("run", ["", "run2", "run3"])
+def test_stored_study2_runs_recompute_to_what_is_recorded(run):
+    """Each recorded study-2 run: its verdicts and results.md follow from its raw rows with today's code, so the
+    numbers quoted in the READMEs cannot drift from what the run measured."""
+    folder = STORED / "study2" / run
+    stored = json.loads((folder / "results.json").read_text())
+    fresh = dict(stored, summary=report.summarise(stored))
+    fresh["hypothesis"] = report.hypothesis(fresh)
+    assert json.loads(json.dumps(fresh["hypothesis"])) == stored["hypothesis"]
+    assert report.markdown(fresh) == (folder / "results.md").read_text()
+    assert stored["complete"] and not stored["quick"]
