@@ -199,7 +199,7 @@ def test_stored_study1_summary_renders_unchanged():
     assert report.markdown(stored) == (STORED / "results.md").read_text()
 
 
-@pytest.mark.parametrize("run", ["", "run2", "run3"])
+@pytest.mark.parametrize("run", ["", "run1-wide", "run2", "run3"])
 def test_stored_study2_runs_recompute_to_what_is_recorded(run):
     """Each recorded study-2 run: its verdicts and results.md follow from its raw rows with today's code, so the
     numbers quoted in the READMEs cannot drift from what the run measured."""
