@@ -107,8 +107,11 @@ def test_cli_rejects_bad_arguments(capsys):
     assert quality.main(["--methods", "cp-multi,nope"]) == 2
     assert "nope" in capsys.readouterr().err
     assert quality.main(["--steps", "0"]) == 2
-    assert quality.main(["--study", "2", "--lr-grid", "3e-3,0"]) == 2
-    assert "--lr-grid" in capsys.readouterr().err
+    for bad in ("3e-3,0", "3e-3,abc", "nan"):
+        assert quality.main(["--study", "2", "--lr-grid", bad]) == 2
+        assert "--lr-grid" in capsys.readouterr().err
+    assert quality.main(["--lasso", "0.1,x"]) == 2
+    assert "--lasso" in capsys.readouterr().err
 
 
 def test_lr_grid_is_read_ascending():

@@ -42,6 +42,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -1012,6 +1013,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _float_list(flag: str, text: str) -> tuple:
+    """A comma list of finite numbers; an error names the flag (float() alone would say only "could not convert")."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v)
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{flag} needs a comma list of numbers, got {text!r}")
+    return values
+
+
 def config_from_args(args) -> StudyConfig:
     kw = dict(QUICK2 if args.quick else STUDY2) if args.study == 2 else dict(QUICK) if args.quick else {}
     if args.model:
@@ -1025,12 +1037,12 @@ def config_from_args(args) -> StudyConfig:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         kw["steps"] = args.steps
     if args.lasso:
-        kw["lasso"] = tuple(float(v) for v in args.lasso.split(","))
+        kw["lasso"] = _float_list("--lasso", args.lasso)
     if args.top_layers is not None:
         kw["top_layers"] = args.top_layers
     if args.lr_grid:
-        grid = tuple(float(v) for v in args.lr_grid.split(",") if v)
-        if not grid or min(grid) <= 0:
+        grid = _float_list("--lr-grid", args.lr_grid)
+        if min(grid) <= 0:
             raise ValueError(f"--lr-grid needs positive learning rates, got {args.lr_grid!r}")
         kw["lr_grid"] = tuple(sorted(set(grid)))  # ascending: best_rate breaks a tie towards the smaller rate
     if args.methods:
